@@ -1,0 +1,497 @@
+"""
+The INI configuration: parsed into frozen attrs values, validated before anything listens.
+
+One file, ``configparser`` with ``interpolation=None``, UTF-8.  Unknown sections and
+keys are errors.  Every problem is a `ConfigError` naming the file, the section and the
+key.  No other module touches ``configparser``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+
+import attr
+from attr import frozen
+
+
+class ConfigError(Exception):
+    """
+    One or more problems with a configuration file, each naming file, section and key.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@frozen
+class Address:
+    """
+    A host and port to listen on or connect to.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@frozen
+class ProxyConfig:
+    """
+    ``[proxy]``: the TLS endpoint kubectl talks to.
+    """
+
+    listen: Address
+    tls_cert_file: str
+    tls_key_file: str
+    health_listen: Address | None = None
+    reuse_port: bool = False
+
+
+@frozen
+class OIDCConfig:
+    """
+    ``[oidc]``: how ID tokens are verified and mapped to a Kubernetes identity.
+    """
+
+    issuer_url: str
+    client_id: str
+    username_claim: str = "sub"
+    username_prefix: str = ""
+    groups_claim: str = ""
+    groups_prefix: str = ""
+    signing_algs: tuple[str, ...] = ("RS256",)
+    required_claims: tuple[tuple[str, str], ...] = ()
+    ca_file: str | None = None
+    # How often the JWKS is re-fetched, and the least time between two
+    # fetches caused by unknown key ids (so forged kids cannot hammer the issuer).
+    jwks_refresh_interval: float = 3600.0
+    jwks_min_refetch_interval: float = 10.0
+    # Leeway for exp / nbf / iat, seconds.
+    leeway: float = 30.0
+    # Entries in the verified-token cache.
+    token_cache_size: int = 10000
+
+
+@frozen
+class UpstreamConfig:
+    """
+    ``[upstream]``: the real kube-apiserver and the proxy's own credential for it.
+    """
+
+    server: str
+    ca_file: str | None = None
+    token_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    # Longest wait for response headers; watches and other long-running
+    # requests are not limited once their headers arrive.
+    response_header_timeout: float = 120.0
+    connect_timeout: float = 10.0
+    # Persistent connections kept per upstream host (at least the expected concurrency).
+    max_connections: int = 256
+
+
+@frozen
+class ImpersonationConfig:
+    """
+    ``[impersonation]``: what is added to the impersonated identity.
+    """
+
+    client_ip: bool = False
+    extra: tuple[tuple[str, str], ...] = ()
+    allow_client_impersonation: bool = False
+
+
+@frozen
+class Config:
+    """
+    A whole validated configuration file.
+    """
+
+    path: str
+    proxy: ProxyConfig | None = None
+    oidc: OIDCConfig | None = None
+    upstream: UpstreamConfig | None = None
+    impersonation: ImpersonationConfig = attr.Factory(ImpersonationConfig)
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------
+
+#: Signing algorithms an operator may allow: asymmetric only; never ``none`` or HMAC.
+ALLOWED_SIGNING_ALGS = frozenset(
+    f"{family}{bits}" for family in ("RS", "ES", "PS") for bits in (256, 384, 512)
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+class _Problem(Exception):
+    """
+    A single key's value is wrong; the message says why.
+    """
+
+
+def parse_duration(text: str) -> float:
+    """
+    ``300s``, ``5m``, ``250ms``, ``1h`` or a bare number of seconds, as seconds.
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise _Problem(f"{text!r} is not a duration (a number with ms, s, m or h)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_bool(text: str) -> bool:
+    """
+    ``true``/``false`` (also yes/no, on/off, 1/0).
+    """
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _Problem(f"{text!r} is not true or false")
+
+
+def parse_address(text: str) -> Address:
+    """
+    ``host:port`` or ``[v6-host]:port``.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise _Problem(f"{text!r} is not [ipv6-address]:port")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise _Problem(f"{text!r} is not host:port (use [addr]:port for IPv6)")
+    if not host:
+        raise _Problem(f"{text!r} has no host")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _Problem(f"{text!r} has no valid port (0-65535)")
+    return Address(host, int(port))
+
+
+def parse_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """
+    ``k=v, k2=v2`` as ordered pairs; a key may repeat.
+    """
+    pairs = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise _Problem(f"{item!r} is not key=value")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """
+    A comma- or whitespace-separated list.
+    """
+    return tuple(part for part in re.split(r"[,\s]+", text.strip()) if part)
+
+
+def parse_https_url(text: str) -> str:
+    """
+    An ``https://`` URL with a host.
+    """
+    text = text.strip()
+    if not re.match(r"^https://[^/\s?#]+", text):
+        raise _Problem(f"{text!r} is not an https:// URL")
+    return text
+
+
+def parse_positive_int(text: str) -> int:
+    """
+    A whole number of at least 1.
+    """
+    if not text.strip().isdigit() or int(text) < 1:
+        raise _Problem(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _readable_file(path: str, base: str) -> str:
+    path = os.path.expanduser(path.strip())
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(base)), path)
+    if not os.path.isfile(path):
+        raise _Problem(f"file {path} does not exist")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise _Problem(f"file {path} cannot be read: {e.strerror}") from None
+    return path
+
+
+class _Section:
+    """
+    Reads one section's keys, collecting problems instead of stopping at the first.
+    """
+
+    def __init__(self, loader: _Loader, name: str, known: set[str]) -> None:
+        self._loader = loader
+        self.name = name
+        self._values: Mapping[str, str] = loader.parser[name] if loader.parser.has_section(name) else {}
+        for key in self._values:
+            if key not in known:
+                self.problem(key, f"unknown key (known keys: {', '.join(sorted(known))})")
+
+    def problem(self, key: str, message: str) -> None:
+        self._loader.problems.append(f"{self._loader.path}: [{self.name}] {key}: {message}")
+
+    def raw(self, key: str) -> str | None:
+        """
+        The stripped value, or None when the key is absent or empty.
+        """
+        value = self._values.get(key)
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    def get(self, key: str, parse: Callable[[str], object], default: object = None, required: bool = False) -> object:
+        value = self.raw(key)
+        if value is None:
+            if required:
+                self.problem(key, "is required")
+            return default
+        try:
+            return parse(value)
+        except _Problem as e:
+            self.problem(key, str(e))
+            return default
+
+    def file(self, key: str, required: bool = False) -> str | None:
+        return self.get(key, lambda v: _readable_file(v, self._loader.path), required=required)  # type: ignore[return-value]
+
+
+class _Loader:
+    def __init__(self, path: str, parser: configparser.ConfigParser) -> None:
+        self.path = path
+        self.parser = parser
+        self.problems: list[str] = []
+
+    def section(self, name: str, known: set[str]) -> _Section:
+        return _Section(self, name, known)
+
+
+_SECTIONS: dict[str, set[str]] = {
+    "proxy": {"listen", "tls_cert_file", "tls_key_file", "health_listen", "reuse_port"},
+    "oidc": {
+        "issuer_url", "client_id", "username_claim", "username_prefix", "groups_claim",
+        "groups_prefix", "signing_algs", "required_claims", "ca_file",
+        "jwks_refresh_interval", "jwks_min_refetch_interval", "leeway", "token_cache_size",
+    },
+    "upstream": {
+        "server", "ca_file", "token_file", "client_cert_file", "client_key_file",
+        "response_header_timeout", "connect_timeout", "max_connections",
+    },
+    "impersonation": {"client_ip", "extra", "allow_client_impersonation"},
+}
+
+#: Where an in-cluster pod finds its service account.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _parse_algs(text: str) -> tuple[str, ...]:
+    algs = parse_list(text)
+    bad = [a for a in algs if a not in ALLOWED_SIGNING_ALGS]
+    if bad:
+        raise _Problem(
+            f"{', '.join(bad)} not allowed; choose from {', '.join(sorted(ALLOWED_SIGNING_ALGS))}"
+            " (none and HMAC are never accepted)"
+        )
+    if not algs:
+        raise _Problem("no algorithm given")
+    return algs
+
+
+def _header_safe(text: str) -> bool:
+    return all(0x20 <= ord(c) < 0x7F for c in text) and text == text.strip()
+
+
+def _parse_extra(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = parse_pairs(text)
+    for key, value in pairs:
+        if not _header_safe(key) or not _header_safe(value):
+            raise _Problem(f"{key}={value} must be printable ASCII")
+    return pairs
+
+
+def _proxy(loader: _Loader) -> ProxyConfig | None:
+    if not loader.parser.has_section("proxy"):
+        return None
+    s = loader.section("proxy", _SECTIONS["proxy"])
+    listen = s.get("listen", parse_address, required=True)
+    cert = s.file("tls_cert_file", required=True)
+    key = s.file("tls_key_file", required=True)
+    health = s.get("health_listen", parse_address)
+    reuse = s.get("reuse_port", parse_bool, default=False)
+    if listen is None or cert is None or key is None:
+        return None
+    return ProxyConfig(listen, cert, key, health, reuse)  # type: ignore[arg-type]
+
+
+def _oidc(loader: _Loader) -> OIDCConfig | None:
+    if not loader.parser.has_section("oidc"):
+        return None
+    s = loader.section("oidc", _SECTIONS["oidc"])
+    defaults = OIDCConfig("https://x", "x")
+    issuer = s.get("issuer_url", parse_https_url, required=True)
+    client_id = s.get("client_id", str, required=True)
+    values = {
+        "username_claim": s.get("username_claim", str, defaults.username_claim),
+        "username_prefix": s._values.get("username_prefix", "").strip(),
+        "groups_claim": s.get("groups_claim", str, defaults.groups_claim),
+        "groups_prefix": s._values.get("groups_prefix", "").strip(),
+        "signing_algs": s.get("signing_algs", _parse_algs, defaults.signing_algs),
+        "required_claims": s.get("required_claims", parse_pairs, ()),
+        "ca_file": s.file("ca_file"),
+        "jwks_refresh_interval": s.get("jwks_refresh_interval", parse_duration, defaults.jwks_refresh_interval),
+        "jwks_min_refetch_interval": s.get(
+            "jwks_min_refetch_interval", parse_duration, defaults.jwks_min_refetch_interval
+        ),
+        "leeway": s.get("leeway", parse_duration, defaults.leeway),
+        "token_cache_size": s.get("token_cache_size", parse_positive_int, defaults.token_cache_size),
+    }
+    for key in ("username_prefix", "groups_prefix"):
+        if not _header_safe(values[key]):  # type: ignore[arg-type]
+            s.problem(key, "must be printable ASCII without surrounding spaces")
+    if issuer is None or client_id is None:
+        return None
+    return OIDCConfig(issuer, client_id, **values)  # type: ignore[arg-type]
+
+
+def _upstream(loader: _Loader, environ: Mapping[str, str], sa_dir: str) -> UpstreamConfig | None:
+    if not loader.parser.has_section("upstream"):
+        return None
+    s = loader.section("upstream", _SECTIONS["upstream"])
+    server = s.get("server", parse_https_url)
+    token_file = s.file("token_file")
+    cert = s.file("client_cert_file")
+    key = s.file("client_key_file")
+    ca_file = s.file("ca_file")
+    defaults = UpstreamConfig("https://x")
+    timeouts = {
+        "response_header_timeout": s.get(
+            "response_header_timeout", parse_duration, defaults.response_header_timeout
+        ),
+        "connect_timeout": s.get("connect_timeout", parse_duration, defaults.connect_timeout),
+        "max_connections": s.get("max_connections", parse_positive_int, defaults.max_connections),
+    }
+    if (cert is None) != (key is None) and s.raw("client_cert_file") and s.raw("client_key_file"):
+        pass  # one of them failed to read; its problem is already recorded
+    elif (s.raw("client_cert_file") is None) != (s.raw("client_key_file") is None):
+        s.problem("client_cert_file", "client_cert_file and client_key_file go together")
+    if server is None and s.raw("server") is None:
+        # In-cluster defaults, as client-go's rest.InClusterConfig.
+        host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+        if not host or not port:
+            s.problem(
+                "server",
+                "is empty and KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not set "
+                "(not running in a cluster): set server = https://host:port",
+            )
+            return None
+        server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+        if s.raw("ca_file") is None:
+            ca_file = _in_cluster_file(s, "ca_file", os.path.join(sa_dir, "ca.crt"))
+        if s.raw("token_file") is None and cert is None:
+            token_file = _in_cluster_file(s, "token_file", os.path.join(sa_dir, "token"))
+    if server is None:
+        return None
+    if token_file is None and cert is None and s.raw("token_file") is None and s.raw("client_cert_file") is None:
+        s.problem("token_file", "the proxy needs its own credential: set token_file or client_cert_file")
+    return UpstreamConfig(server, ca_file, token_file, cert, key, **timeouts)  # type: ignore[arg-type]
+
+
+def _in_cluster_file(s: _Section, key: str, path: str) -> str | None:
+    if not os.path.isfile(path):
+        s.problem(key, f"is empty and the in-cluster default {path} does not exist")
+        return None
+    return path
+
+
+def _impersonation(loader: _Loader) -> ImpersonationConfig:
+    s = loader.section("impersonation", _SECTIONS["impersonation"])
+    return ImpersonationConfig(
+        client_ip=s.get("client_ip", parse_bool, False),  # type: ignore[arg-type]
+        extra=s.get("extra", _parse_extra, ()),  # type: ignore[arg-type]
+        allow_client_impersonation=s.get("allow_client_impersonation", parse_bool, False),  # type: ignore[arg-type]
+    )
+
+
+def _read(path: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True, inline_comment_prefixes=(";", "#"))
+    parser.optionxform = str  # type: ignore[assignment, method-assign]
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: the configuration file does not exist"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot be read: {e.strerror}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: is not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    except configparser.Error as e:
+        message = " ".join(str(e).split())
+        raise ConfigError([f"{path}: {message}"]) from None
+    return parser
+
+
+def load_config(
+    path: str,
+    environ: Mapping[str, str] | None = None,
+    service_account_dir: str = SERVICE_ACCOUNT_DIR,
+) -> Config:
+    """
+    Read and validate the INI file at ``path``.
+
+    @raise ConfigError: listing every problem, each naming file, section and key.
+    """
+    parser = _read(path)
+    loader = _Loader(path, parser)
+    for name in parser.sections():
+        if name not in _SECTIONS:
+            loader.problems.append(
+                f"{path}: [{name}]: unknown section (known sections: {', '.join(_SECTIONS)})"
+            )
+    proxy = _proxy(loader)
+    oidc = _oidc(loader)
+    upstream = _upstream(loader, os.environ if environ is None else environ, service_account_dir)
+    impersonation = _impersonation(loader)
+    if parser.has_section("proxy"):
+        for needed in ("oidc", "upstream"):
+            if not parser.has_section(needed):
+                loader.problems.append(f"{path}: [{needed}]: section is required with [proxy]")
+    if not parser.has_section("proxy"):
+        loader.problems.append(f"{path}: [proxy]: section is required (no role is configured)")
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return Config(path, proxy, oidc, upstream, impersonation)
+
+
+def iter_sections() -> Iterator[tuple[str, set[str]]]:
+    """
+    The known sections and their keys, for documentation and tests.
+    """
+    return iter(_SECTIONS.items())
