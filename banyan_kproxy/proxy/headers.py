@@ -1,0 +1,156 @@
+"""
+Header policy: what passes between kubectl and kube-apiserver, in both directions.
+
+Requests lose the caller's credentials, any identity assertion the caller tried to
+make (``Impersonate-*``, front-proxy ``X-Remote-*``), hop-by-hop headers and a
+client-supplied ``X-Forwarded-For``; they gain the verified identity as
+impersonation headers.  Responses lose hop-by-hop headers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import quote
+
+from twisted.web.http_headers import Headers
+
+from banyan_kproxy.identity import Identity
+
+#: RFC 9110 §7.6.1 hop-by-hop headers, plus the proxy-only ones.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Set by the proxy (or by Twisted's HTTP client) for the upstream request.
+_REPLACED_UPSTREAM = frozenset(
+    {b"host", b"content-length", b"authorization", b"x-forwarded-for", b"audit-id"}
+)
+
+#: Headers that assert an identity to kube-apiserver's front-proxy authenticator.
+_FRONT_PROXY_PREFIXES = (b"x-remote-user", b"x-remote-group", b"x-remote-extra-")
+
+GROUP_AUTHENTICATED = "system:authenticated"
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    """
+    The header names listed in ``Connection:``, lower-cased.
+    """
+    names: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                names.add(token)
+    return names
+
+
+def client_impersonation_headers(headers: Headers) -> list[str]:
+    """
+    The names of any ``Impersonate-*`` headers the client sent (any case).
+    """
+    found = []
+    for name, _ in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered.startswith(b"impersonate-"):
+            found.append(name.decode("latin-1"))
+    return found
+
+
+def _encode(value: str) -> bytes:
+    return value.encode("utf-8")
+
+
+def upstream_request_headers(
+    client: Headers,
+    identity: Identity,
+    peer_ip: str | None,
+    extra: Iterable[tuple[str, str]] = (),
+    client_ip_extra: bool = False,
+) -> Headers:
+    """
+    The headers to send upstream for a request made by ``identity``.
+
+    The proxy's own ``Authorization``, ``Host``, ``Content-Length`` and ``Audit-ID``
+    are added by the upstream client, not here.
+    """
+    dropped = HOP_BY_HOP | _REPLACED_UPSTREAM | _connection_tokens(client)
+    out = Headers()
+    for name, values in client.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in dropped or lowered.startswith(b"impersonate-"):
+            continue
+        if lowered.startswith(_FRONT_PROXY_PREFIXES):
+            continue
+        out.setRawHeaders(name, list(values))
+    out.setRawHeaders(b"Impersonate-User", [_encode(identity.user)])
+    groups = list(identity.groups)
+    if GROUP_AUTHENTICATED not in groups:
+        groups.append(GROUP_AUTHENTICATED)
+    # One header line per group: kube-apiserver does not split on commas.
+    out.setRawHeaders(b"Impersonate-Group", [_encode(g) for g in groups])
+    extras: dict[str, list[str]] = {}
+    for key, values in identity.extra:
+        extras.setdefault(key, []).extend(values)
+    for key, value in extra:
+        extras.setdefault(key, []).append(value)
+    if client_ip_extra and peer_ip:
+        extras.setdefault("Remote-Client-Ip", []).append(peer_ip)
+    for key, values in extras.items():
+        name = b"Impersonate-Extra-" + quote(key, safe="").encode("ascii")
+        out.setRawHeaders(name, [_encode(v) for v in values])
+    if identity.uid:
+        out.setRawHeaders(b"Impersonate-Uid", [_encode(identity.uid)])
+    if peer_ip:
+        out.setRawHeaders(b"X-Forwarded-For", [peer_ip.encode("ascii")])
+    return out
+
+
+#: Response headers Twisted's server sets itself or that must not pass.
+_REPLACED_DOWNSTREAM = frozenset({b"content-length"})
+
+
+def downstream_response_headers(upstream: Headers) -> Headers:
+    """
+    The upstream response's headers minus hop-by-hop ones, for the client.
+    """
+    dropped = HOP_BY_HOP | _REPLACED_DOWNSTREAM | _connection_tokens(upstream)
+    out = Headers()
+    for name, values in upstream.getAllRawHeaders():
+        if name.lower() in dropped:
+            continue
+        out.setRawHeaders(name, list(values))
+    return out
+
+
+def bearer_token(headers: Headers) -> tuple[str | None, str | None]:
+    """
+    The bearer token from ``Authorization``, or ``(None, why)`` when there is none.
+
+    More than one ``Authorization`` header is refused rather than guessed at.
+    """
+    values = headers.getRawHeaders(b"authorization", [])
+    if not values:
+        return None, "no bearer token"
+    if len(values) > 1:
+        return None, "more than one Authorization header"
+    scheme, _, token = values[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None, "Authorization is not a bearer token"
+    token = token.strip()
+    if not token:
+        return None, "empty bearer token"
+    try:
+        return token.decode("ascii"), None
+    except UnicodeDecodeError:
+        return None, "bearer token is not ASCII"

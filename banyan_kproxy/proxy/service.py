@@ -1,0 +1,111 @@
+"""
+The proxy role assembled: TLS listener, health listener, OIDC key refresher,
+certificate reloader, and the upstream connection pool, as named services.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from banyan_kproxy.config import Config
+from banyan_kproxy.health import HealthResource, Metrics
+from banyan_kproxy.identity import OIDCVerifier
+from banyan_kproxy.proxy.resource import KubeProxyResource, ProxyMetrics
+from banyan_kproxy.proxy.upstream import Upstream
+from banyan_kproxy.services import CallbackService, ListeningService
+from banyan_kproxy.tls import CertificateReloader, ServerTLS, https_policy, listen_tcp, listen_tls
+
+
+class _QuietSite(Site):
+    """
+    A ``Site`` without the per-request access log line: the proxy logs what matters
+    (rejections, upstream failures) itself, and access lines would double every
+    request in the log of a busy cluster.
+    """
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def issuer_http_client(reactor: Any, ca_file: str | None) -> Any:
+    """
+    The treq client used for the issuer's discovery document and keys.
+    """
+    from treq.client import HTTPClient
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    return HTTPClient(Agent(reactor, contextFactory=https_policy(ca_file), connectTimeout=10, pool=pool))
+
+
+def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
+    """
+    The services of the ``[proxy]`` role, ready to be added to a ``MultiService``.
+
+    Raises ``TLSConfigError`` / ``CredentialError`` for files that cannot be used.
+    """
+    assert config.proxy is not None and config.oidc is not None and config.upstream is not None
+    server_tls = ServerTLS.from_files(config.proxy.tls_cert_file, config.proxy.tls_key_file)
+    upstream = Upstream.from_config(
+        config.upstream,
+        reactor,
+        https_policy(
+            config.upstream.ca_file,
+            config.upstream.client_cert_file,
+            config.upstream.client_key_file,
+        ),
+    )
+    verifier = OIDCVerifier(config.oidc, issuer_http_client(reactor, config.oidc.ca_file), reactor)
+    resource = KubeProxyResource(
+        verifier=verifier,
+        upstream=upstream,
+        impersonation=config.impersonation,
+        metrics=ProxyMetrics.create(metrics),
+        clock=reactor,
+    )
+    site = _QuietSite(resource)
+    site.displayTracebacks = False
+    proxy = config.proxy
+    services: list[Any] = [
+        CallbackService("oidc", verifier.start, verifier.stop),
+        CertificateReloader(server_tls, reactor),
+        ListeningService(
+            "proxy",
+            f"the proxy on {proxy.listen}",
+            lambda: listen_tls(reactor, proxy.listen, site, server_tls, reuse_port=proxy.reuse_port),
+        ),
+        CallbackService("upstream", lambda: None, upstream.close),
+    ]
+
+    def readiness() -> list[str]:
+        problems = []
+        if not verifier.ready:
+            problems.append(
+                "oidc: signing keys not loaded"
+                + (f" ({verifier.last_error})" if verifier.last_error else "")
+            )
+        return problems
+
+    if proxy.health_listen is not None:
+        health = Site(HealthResource(metrics, readiness))
+        health.displayTracebacks = False
+        health_listen = proxy.health_listen
+        services.append(
+            ListeningService(
+                "health",
+                f"health and metrics on {health_listen}",
+                lambda: listen_tcp(reactor, health_listen, health),
+            )
+        )
+    return services
+
+
+def add_proxy_role(parent: MultiService, config: Config, reactor: Any, metrics: Metrics) -> None:
+    """
+    Add the proxy role's services to ``parent``.
+    """
+    for service in proxy_services(config, reactor, metrics):
+        service.setServiceParent(parent)

@@ -1,0 +1,58 @@
+"""
+twistd entry point: ``twistd -n banyan-kproxy --config FILE``.
+
+``makeService`` reads the INI file and builds a ``MultiService`` with one named child
+per running part (``proxy``, ``health``, ``oidc``, ``certificates``, ``upstream``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from banyan_kproxy.config import ConfigError, load_config
+from banyan_kproxy.services import fail_startup
+
+DEFAULT_CONFIG = "/etc/banyan-kproxy/kproxy.ini"
+
+
+class Options(usage.Options):
+    """
+    Command-line options: only where the configuration file is.
+    """
+
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG, "The INI configuration file."],
+    ]
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """
+    Build the daemon's services from the configuration file.
+
+    Configuration problems are printed, one per line, and end the process with exit
+    status 2 (raising ``UsageError`` would exit 0 on Twisted 22.4).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    from banyan_kproxy.health import Metrics
+    from banyan_kproxy.proxy.service import add_proxy_role
+    from banyan_kproxy.proxy.upstream import CredentialError
+    from banyan_kproxy.tls import TLSConfigError
+
+    try:
+        config = load_config(options["config"])
+    except ConfigError as e:
+        raise fail_startup("configuration error:\n  " + "\n  ".join(e.problems), code=2)
+    parent = MultiService()
+    metrics = Metrics()
+    try:
+        if config.proxy is not None:
+            add_proxy_role(parent, config, reactor, metrics)
+    except (TLSConfigError, CredentialError) as e:
+        raise fail_startup(f"{config.path}: {e}", code=2)
+    return parent

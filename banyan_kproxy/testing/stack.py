@@ -1,0 +1,366 @@
+"""
+A whole proxy deployment on loopback: throwaway certificates, a development OIDC
+issuer and (unless a real cluster is given) the Kubernetes API stand-in, running in
+this process; the real daemon started as ``twistd -n banyan-kproxy`` in a child
+process; and a kubeconfig for kubectl.
+
+The integration tests and ``banyan-kproxy demo`` both use it, so the demo shows
+exactly what the tests check.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import attr
+import yaml
+from twisted.internet import defer, protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from banyan_kproxy.config import Address
+from banyan_kproxy.testing.certs import CertificateAuthority
+from banyan_kproxy.testing.issuer import OIDCIssuer
+from banyan_kproxy.testing.kubeapi import KubeAPIStandIn, UserInfo
+from banyan_kproxy.tls import ServerTLS, listen_tls
+
+#: The proxy's own identity at the stand-in (as in etc/banyan-kproxy/kubernetes-rbac.yaml).
+PROXY_SERVICE_ACCOUNT = UserInfo(
+    "system:serviceaccount:banyan-kproxy:banyan-kproxy",
+    ("system:serviceaccounts", "system:serviceaccounts:banyan-kproxy", "system:authenticated"),
+)
+
+#: OIDC settings of the seed (Step 2.11).
+CLIENT_ID = "external-services"
+READER_ROLE = "any-employee-personal-device"
+ADMIN_ROLE = "all-admins-corporate-device"
+
+_LISTENING = re.compile(rb"(the proxy|health and metrics) on \S+ listening on ([0-9.]+):(\d+)")
+
+
+def repository_file(*parts: str) -> str | None:
+    """
+    A file of this source checkout (``etc/...``), when running from one.
+    """
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(here, *parts)
+    return path if os.path.exists(path) else None
+
+
+def proxy_rbac_yaml() -> str:
+    """
+    The RBAC that lets the proxy's service account impersonate (the shipped file).
+    """
+    candidates = [
+        repository_file("etc", "banyan-kproxy", "kubernetes-rbac.yaml"),
+        # Installed by `pip install .` (setup.cfg data_files).
+        os.path.join(sys.prefix, "share", "banyan-kproxy", "kubernetes-rbac.yaml"),
+    ]
+    for path in candidates:
+        if path is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+    raise FileNotFoundError("kubernetes-rbac.yaml is neither in a checkout nor installed")
+
+
+def seed_rbac_yaml() -> str:
+    """
+    The seed's Step 4 Role, RoleBinding and ClusterRoleBinding.
+    """
+    return resources.files("banyan_kproxy.testing").joinpath("seed-rbac.yaml").read_text()
+
+
+class _DaemonProtocol(protocol.ProcessProtocol):
+    """
+    Collects the daemon's output and notices its listening lines and its exit.
+    """
+
+    def __init__(self, echo: bool) -> None:
+        self.output = b""
+        self.echo = echo
+        self.ports: dict[str, int] = {}
+        self.listening: Deferred[None] = Deferred()
+        self.ended: Deferred[int] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if self.echo:
+            sys.stdout.write(data.decode("utf-8", "replace"))
+            sys.stdout.flush()
+        for match in _LISTENING.finditer(self.output):
+            self.ports[match.group(1).decode()] = int(match.group(3))
+        if "the proxy" in self.ports and "health and metrics" in self.ports and not self.listening.called:
+            self.listening.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        if not self.listening.called:
+            self.listening.errback(
+                RuntimeError(f"the daemon exited ({code}) before listening:\n{self.output.decode()}")
+            )
+        self.ended.callback(code)
+
+
+@attr.s(auto_attribs=True)
+class ExternalCluster:
+    """
+    A real apiserver the proxy forwards to, with the credential it uses there.
+    """
+
+    server: str
+    ca_file: str | None
+    token_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+
+@attr.s(auto_attribs=True)
+class LoopbackStack:
+    """
+    Certificates, issuer, apiserver (stand-in or real) and daemon on 127.0.0.1.
+    """
+
+    reactor: Any
+    directory: str
+    cluster: ExternalCluster | None = None
+    echo_daemon: bool = False
+    extra_ini: str = ""
+    # The status the issuer's discovery document is served with at first (503: down).
+    issuer_status: int = 200
+    log = Logger()
+
+    ca: Any = None
+    issuer: Any = None
+    standin: Any = None
+    proxy_port: int = 0
+    health_port: int = 0
+    ini_path: str = ""
+    _ports: list[Any] = attr.Factory(list)
+    _daemon: Any = None
+    _process: Any = None
+
+    @property
+    def proxy_url(self) -> str:
+        return f"https://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}"
+
+    @property
+    def ca_file(self) -> str:
+        return os.path.join(self.directory, "ca.crt")
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def _write(self, name: str, content: bytes | str, mode: int = 0o600) -> str:
+        path = self._path(name)
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+    def _listen(self, resource: Any, name: str) -> int:
+        issued = self.ca.issue("127.0.0.1", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+        cert, key = issued.write(self.directory, name)
+        port = listen_tls(
+            self.reactor, Address("127.0.0.1", 0), Site(resource), ServerTLS.from_files(cert, key)
+        )
+        self._ports.append(port)
+        return port.getHost().port
+
+    async def start(self, timeout: float = 30.0, wait_ready: bool = True) -> None:
+        """
+        Bring everything up; fires once the daemon listens and (unless ``wait_ready``
+        is false) reports ready.
+        """
+        os.makedirs(self.directory, exist_ok=True)
+        self.ca = CertificateAuthority.generate("banyan-kproxy loopback CA")
+        self._write("ca.crt", self.ca.cert_pem, 0o644)
+
+        self.issuer = OIDCIssuer("https://127.0.0.1/v2")
+        self.issuer.discovery_status = self.issuer_status
+        issuer_port = self._listen(self.issuer.resource(), "issuer")
+        self.issuer.issuer_url = f"https://127.0.0.1:{issuer_port}/v2"
+
+        if self.cluster is None:
+            proxy_token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+            self.standin = KubeAPIStandIn(
+                tokens={proxy_token: PROXY_SERVICE_ACCOUNT},
+                rbac_yaml=[proxy_rbac_yaml(), seed_rbac_yaml()],
+                clock=self.reactor,
+            )
+            standin_port = self._listen(self.standin.resource(), "kubeapi")
+            cluster = ExternalCluster(
+                f"https://127.0.0.1:{standin_port}",
+                self.ca_file,
+                token_file=self._write("proxy.token", proxy_token + "\n"),
+            )
+        else:
+            cluster = self.cluster
+
+        proxy_cert, proxy_key = self.ca.issue(
+            "127.0.0.1", dns_names=["localhost"], ip_addresses=["127.0.0.1"]
+        ).write(self.directory, "proxy")
+        lines = [
+            "[proxy]",
+            "listen = 127.0.0.1:0",
+            f"tls_cert_file = {proxy_cert}",
+            f"tls_key_file = {proxy_key}",
+            "health_listen = 127.0.0.1:0",
+            "",
+            "[oidc]",
+            f"issuer_url = {self.issuer.issuer_url}",
+            f"client_id = {CLIENT_ID}",
+            "username_claim = email",
+            "username_prefix = banyan:",
+            "groups_claim = roles",
+            "groups_prefix = banyan:",
+            "signing_algs = RS256",
+            f"ca_file = {self.ca_file}",
+            "",
+            "[upstream]",
+            f"server = {cluster.server}",
+            f"ca_file = {cluster.ca_file or ''}",
+            f"token_file = {cluster.token_file or ''}",
+            f"client_cert_file = {cluster.client_cert_file or ''}",
+            f"client_key_file = {cluster.client_key_file or ''}",
+            "",
+        ]
+        self.ini_path = self._write("kproxy.ini", "\n".join(lines) + self.extra_ini, 0o644)
+        await self._start_daemon(timeout)
+        if wait_ready:
+            await self.wait_ready(timeout)
+
+    async def _start_daemon(self, timeout: float) -> None:
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        env = dict(os.environ)
+        source = repository_file("twisted", "plugins")
+        if source is not None:
+            # Run this checkout's code, not an older installed copy.
+            root = os.path.dirname(os.path.dirname(source))
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        self._daemon = _DaemonProtocol(self.echo_daemon)
+        self._process = self.reactor.spawnProcess(
+            self._daemon,
+            twistd,
+            [twistd, "--nodaemon", "--pidfile=", "banyan-kproxy", "--config", self.ini_path],
+            env=env,
+            path=self.directory,
+        )
+        listening = self._daemon.listening
+        listening.addTimeout(timeout, self.reactor)
+        await listening
+        self.proxy_port = self._daemon.ports["the proxy"]
+        self.health_port = self._daemon.ports["health and metrics"]
+
+    @property
+    def daemon_output(self) -> str:
+        return self._daemon.output.decode("utf-8", "replace") if self._daemon else ""
+
+    @property
+    def daemon_pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def wait_ready(self, timeout: float) -> None:
+        """
+        Poll ``/ready`` until it answers 200, for at most ``timeout`` seconds.
+        """
+        import treq
+
+        deadline = self.reactor.seconds() + timeout
+        last = ""
+        while self.reactor.seconds() < deadline:
+            try:
+                response = await treq.get(
+                    self.health_url + "/ready", reactor=self.reactor, timeout=2, persistent=False
+                )
+                last = (await treq.text_content(response)).strip()
+                if response.code == 200:
+                    return
+            except Exception as e:  # noqa: BLE001 - keep polling until the deadline
+                last = str(e)
+            await deferLater(self.reactor, 0.1, lambda: None)
+        raise RuntimeError(f"the daemon did not become ready in {timeout}s: {last}")
+
+    def token(self, email: str, roles: Sequence[str] = (), **kwargs: Any) -> str:
+        """
+        An ID token from the development issuer, as the Banyan issuer would mint it.
+        """
+        claims = {"email": email, "email_verified": True, "roles": list(roles)}
+        claims.update(kwargs.pop("claims", {}))
+        kwargs.setdefault("audience", CLIENT_ID)
+        kwargs.setdefault("subject", email)
+        return self.issuer.token(claims, **kwargs)
+
+    def write_kubeconfig(
+        self, name: str, users: dict[str, str], cluster_name: str = "testcluster", server: str | None = None
+    ) -> str:
+        """
+        A kubeconfig with one context per user (context name = user name).
+        """
+        with open(self.ca_file, "rb") as f:
+            ca_data = base64.b64encode(f.read()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": cluster_name,
+                    "cluster": {
+                        "server": server or self.proxy_url,
+                        "certificate-authority-data": ca_data,
+                    },
+                }
+            ],
+            "users": [{"name": user, "user": {"token": token}} for user, token in users.items()],
+            "contexts": [
+                {"name": user, "context": {"cluster": cluster_name, "user": user, "namespace": "default"}}
+                for user in users
+            ],
+            "current-context": next(iter(users)),
+        }
+        return self._write(name, yaml.safe_dump(config, sort_keys=False))
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """
+        Stop the daemon (SIGTERM, then SIGKILL after ``timeout``) and every listener.
+        """
+        code = None
+        if self._process is not None and not self._daemon.ended.called:
+            try:
+                self._process.signalProcess("TERM")
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            ended = self._daemon.ended
+            killer = self.reactor.callLater(timeout, _kill, self._process)
+            code = await ended
+            if killer.active():
+                killer.cancel()
+        elif self._daemon is not None:
+            code = self._daemon.ended.result
+        if self.standin is not None:
+            self.standin.close_watches()
+        await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self._ports])
+        self._ports.clear()
+        return code
+
+
+def _kill(process: Any) -> None:
+    try:
+        process.signalProcess(signal.SIGKILL)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
