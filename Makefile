@@ -22,8 +22,7 @@ $(VENV)/.stamp: setup.cfg pyproject.toml requirements/test.txt
 $(VENV_OLDEST)/.stamp: setup.cfg pyproject.toml requirements/oldest.txt
 	rm -rf $(VENV_OLDEST)
 	$(PYTHON) -m venv $(VENV_OLDEST)
-	$(VENV_OLDEST)/bin/pip install --quiet --disable-pip-version-check -r requirements/oldest.txt
-	$(VENV_OLDEST)/bin/pip install --quiet --disable-pip-version-check -c requirements/oldest.txt .
+	$(VENV_OLDEST)/bin/pip install --quiet --disable-pip-version-check -r requirements/oldest.txt .
 	touch $@
 
 venv: $(VENV)/.stamp
