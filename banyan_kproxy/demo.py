@@ -137,7 +137,12 @@ async def _demo(reactor: Any, directory: str, force_stand_in: bool) -> None:
     except Exception:
         await stack.stop()
         raise
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(stack.stop()))
+    async def shutdown() -> None:
+        _say("\nStopping the daemon, the issuer and the stand-in...")
+        await stack.stop()
+        _say("Stopped.")
+
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(shutdown()))
     if cluster is None:
         upstream = f"the built-in Kubernetes API stand-in ({where}; seed Step 4 RBAC loaded)"
         for name in ("web-1", "web-2"):
@@ -157,7 +162,7 @@ async def _demo(reactor: Any, directory: str, force_stand_in: bool) -> None:
     _say(f"The proxy (pid {stack.daemon_pid}) listens on {stack.proxy_url}")
     _say(f"  in front of {upstream}.")
     _say(f"  OIDC issuer: {stack.issuer.issuer_url}   health: {stack.health_url}/ready")
-    _say(f"  configuration: {os.path.relpath(stack.ini_path)}")
+    _say(f"  configuration: {os.path.relpath(stack.ini_path)}   log: {os.path.relpath(stack.daemon_log)}")
     _say()
     _say(f"Kubeconfig {rel}: context 'reader' is {READER} with role {READER_ROLE},")
     _say(f"  context 'admin' is {ADMIN} with role {ADMIN_ROLE}.")

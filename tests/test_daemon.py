@@ -14,6 +14,7 @@ import sys
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -257,6 +258,38 @@ class RunningDaemonTests(TestCase):
             self.assertIn('kproxy_requests_total{method="GET",code="401"} 1', metrics)
             self.assertIn("token rejected (malformed)", self.stack.daemon_output)
             self.assertNotIn("not.a.jwt", self.stack.daemon_output)
+
+        return ensureDeferred(run())
+
+    def test_certificate_rotation(self) -> Deferred[None]:
+        """
+        New certificate files are served to new connections without a restart.
+        """
+
+        async def run() -> None:
+            self.stack.issuer_status = 200
+            await self.stack.start()
+
+            async def served_subject() -> str:
+                # s_client reads standard input until it ends: give it /dev/null.
+                out, _, _ = await getProcessOutputAndValue(
+                    "sh",
+                    ("-c", 'exec openssl s_client -connect "$1" -alpn h2,http/1.1 -CAfile "$2" '
+                     "</dev/null", "sh", f"127.0.0.1:{self.stack.proxy_port}", self.stack.ca_file),
+                    env=dict(os.environ), reactor=reactor,
+                )
+                text = out.decode()
+                self.assertIn("ALPN protocol: http/1.1", text)
+                return next(line for line in text.splitlines() if line.startswith("subject="))
+
+            self.assertIn("127.0.0.1", await served_subject())
+            rotated = self.stack.ca.issue("rotated.example", ip_addresses=["127.0.0.1"])
+            rotated.write(self.stack.directory, "proxy")
+            deadline = reactor.seconds() + 20
+            while "rotated.example" not in await served_subject():
+                self.assertLess(reactor.seconds(), deadline, "the new certificate was not served")
+                await deferLater(reactor, 0.5, lambda: None)
+            self.assertIn("Reloaded TLS certificate CN=rotated.example", self.stack.daemon_output)
 
         return ensureDeferred(run())
 

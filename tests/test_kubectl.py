@@ -182,6 +182,54 @@ class RefusedTokenTests(StackTestCase):
         return ensureDeferred(run())
 
 
+POD_YAML = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: created-through-proxy
+  namespace: default
+spec:
+  containers:
+  - name: app
+    image: nginx:1.27
+"""
+
+
+class WriteTests(StackTestCase):
+    """
+    Requests with bodies go through the proxy whole.
+    """
+
+    def test_create(self) -> Deferred[None]:
+        """
+        An admin's ``kubectl create -f`` reaches the apiserver with its body and as the
+        admin; the reader's is refused by RBAC with the apiserver's message.
+        """
+
+        async def run() -> None:
+            kubeconfig = self.users()
+            manifest = os.path.join(self.home, "pod.yaml")
+            with open(manifest, "w") as f:
+                f.write(POD_YAML)
+            output, code = await self.kubectl(kubeconfig, "--context", "reader", "create", "-f", manifest)
+            self.assertEqual(code, 1)
+            self.assertEqual(
+                output.splitlines()[-1],
+                'Error from server (Forbidden): error when creating "' + manifest + '": pods is '
+                'forbidden: User "banyan:myuser@example.com" cannot create resource "pods" in API '
+                'group "" in the namespace "default"',
+            )
+            output, code = await self.kubectl(kubeconfig, "--context", "admin", "create", "-f", manifest)
+            self.assertEqual((output, code), ("pod/created-through-proxy created", 0))
+            pod = self.stack.standin.get_object("pods", "created-through-proxy", "default")
+            self.assertEqual(pod["spec"]["containers"][0]["image"], "nginx:1.27")
+            [post] = [r for r in self.stack.standin.requests if r.method == "POST"
+                      and r.user == "banyan:admin@example.com"]
+            self.assertEqual(post.groups[-1], "system:authenticated")
+
+        return ensureDeferred(run())
+
+
 class _Collect(ProcessProtocol):
     def __init__(self) -> None:
         self.output = b""
@@ -227,6 +275,32 @@ class WatchTests(StackTestCase):
                     process.signalProcess("TERM")
                     await collector.ended
             self.assertIn(b"after-1", collector.output)
+
+        return ensureDeferred(run())
+
+    def test_logs_follow(self) -> Deferred[None]:
+        """
+        ``kubectl logs -f`` prints log lines written after it started.
+        """
+
+        async def run() -> None:
+            self.stack.standin.add_pod("web-1", logs="first line\n")
+            kubeconfig = self.users()
+            collector = _Collect()
+            binary = kubectl_binary(None)
+            env = {"HOME": self.home, "KUBECONFIG": kubeconfig, "PATH": os.environ.get("PATH", "")}
+            process = reactor.spawnProcess(
+                collector, binary, [binary, "--context", "reader", "logs", "-f", "web-1"], env=env
+            )
+            try:
+                await self.wait_for(lambda: b"first line" in collector.output, "the first line")
+                self.stack.standin.append_pod_log("web-1", "second line\n")
+                await self.wait_for(lambda: b"second line" in collector.output, "the second line")
+            finally:
+                if not collector.ended.called:
+                    process.signalProcess("TERM")
+                    await collector.ended
+            self.assertEqual(collector.output, b"first line\nsecond line\n")
 
         return ensureDeferred(run())
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from banyan_kproxy.config import Config
 from banyan_kproxy.health import HealthResource, Metrics
 from banyan_kproxy.identity import OIDCVerifier
 from banyan_kproxy.proxy.resource import KubeProxyResource, ProxyMetrics
-from banyan_kproxy.proxy.upstream import Upstream
+from banyan_kproxy.proxy.upstream import Upstream, quiet_pool
 from banyan_kproxy.services import CallbackService, ListeningService
 from banyan_kproxy.tls import CertificateReloader, ServerTLS, https_policy, listen_tcp, listen_tls
 
@@ -23,8 +23,8 @@ from banyan_kproxy.tls import CertificateReloader, ServerTLS, https_policy, list
 class _QuietSite(Site):
     """
     A ``Site`` without the per-request access log line: the proxy logs what matters
-    (rejections, upstream failures) itself, and access lines would double every
-    request in the log of a busy cluster.
+    (rejections, upstream failures) itself, and access lines for every request (or
+    every load-balancer probe of ``/ready``) would drown it.
     """
 
     def log(self, request: Any) -> None:
@@ -37,7 +37,7 @@ def issuer_http_client(reactor: Any, ca_file: str | None) -> Any:
     """
     from treq.client import HTTPClient
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = quiet_pool(reactor)
     return HTTPClient(Agent(reactor, contextFactory=https_policy(ca_file), connectTimeout=10, pool=pool))
 
 
@@ -69,9 +69,11 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
     site = _QuietSite(resource)
     site.displayTracebacks = False
     proxy = config.proxy
+    reloader = CertificateReloader(server_tls, reactor)
+    reloader.setName("certificates")
     services: list[Any] = [
         CallbackService("oidc", verifier.start, verifier.stop),
-        CertificateReloader(server_tls, reactor),
+        reloader,
         ListeningService(
             "proxy",
             f"the proxy on {proxy.listen}",
@@ -90,7 +92,7 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
         return problems
 
     if proxy.health_listen is not None:
-        health = Site(HealthResource(metrics, readiness))
+        health = _QuietSite(HealthResource(metrics, readiness))
         health.displayTracebacks = False
         health_listen = proxy.health_listen
         services.append(

@@ -17,11 +17,30 @@ import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web import client
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 
 from banyan_kproxy.config import UpstreamConfig
+
+
+class _QuietClientFactory(client._HTTP11ClientFactory):  # type: ignore[name-defined, misc]
+    """
+    The pool's connection factory without its "Starting factory" log line per
+    upstream connection.
+    """
+
+    noisy = False
+
+
+def quiet_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
+    """
+    An ``HTTPConnectionPool`` that does not log every connection it opens.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = _QuietClientFactory
+    return pool
 
 
 class CredentialError(Exception):
@@ -110,7 +129,7 @@ class Upstream:
         An upstream with a persistent connection pool at least as large as the
         concurrency it is configured for (DESIGN §7: a small pool doubled p99).
         """
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool = quiet_pool(reactor)
         pool.maxPersistentPerHost = config.max_connections
         pool.retryAutomatically = True
         agent = Agent(

@@ -84,15 +84,21 @@ class _DaemonProtocol(protocol.ProcessProtocol):
     Collects the daemon's output and notices its listening lines and its exit.
     """
 
-    def __init__(self, echo: bool) -> None:
+    #: How much of the daemon's output is kept in memory (all of it goes to the log file).
+    KEEP = 1 << 20
+
+    def __init__(self, echo: bool, log_path: str) -> None:
         self.output = b""
         self.echo = echo
+        self.log_file = open(log_path, "ab")
         self.ports: dict[str, int] = {}
         self.listening: Deferred[None] = Deferred()
         self.ended: Deferred[int] = Deferred()
 
     def outReceived(self, data: bytes) -> None:
-        self.output += data
+        self.output = (self.output + data)[-self.KEEP:]
+        self.log_file.write(data)
+        self.log_file.flush()
         if self.echo:
             sys.stdout.write(data.decode("utf-8", "replace"))
             sys.stdout.flush()
@@ -104,6 +110,7 @@ class _DaemonProtocol(protocol.ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Any) -> None:
+        self.log_file.close()
         code = getattr(reason.value, "exitCode", None)
         if not self.listening.called:
             self.listening.errback(
@@ -157,6 +164,13 @@ class LoopbackStack:
     @property
     def health_url(self) -> str:
         return f"http://127.0.0.1:{self.health_port}"
+
+    @property
+    def daemon_log(self) -> str:
+        """
+        Where everything the daemon prints is written.
+        """
+        return os.path.join(self.directory, "daemon.log")
 
     @property
     def ca_file(self) -> str:
@@ -253,7 +267,7 @@ class LoopbackStack:
             # Run this checkout's code, not an older installed copy.
             root = os.path.dirname(os.path.dirname(source))
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        self._daemon = _DaemonProtocol(self.echo_daemon)
+        self._daemon = _DaemonProtocol(self.echo_daemon, self.daemon_log)
         self._process = self.reactor.spawnProcess(
             self._daemon,
             twistd,
