@@ -111,6 +111,57 @@ class ImpersonationConfig:
 
 
 @frozen
+class TokenPassthroughConfig:
+    """
+    ``[token_passthrough]``: tokens that are not this issuer's ID tokens are checked
+    with a TokenReview at the apiserver and, if valid, forwarded as they are.
+    """
+
+    enabled: bool = False
+    audiences: tuple[str, ...] = ()
+    # How long a TokenReview answer is remembered, and how many entries.
+    cache_ttl: float = 10.0
+    cache_size: int = 10000
+    # TokenReview calls per second (sustained) and in a burst, for all callers together.
+    review_qps: float = 20.0
+    review_burst: int = 40
+
+
+@frozen
+class AuditConfig:
+    """
+    ``[audit]``: audit events for every request, batched to the configured sinks.
+    """
+
+    policy_file: str | None = None
+    webhook_config_file: str | None = None
+    log_file: str | None = None
+    spool_dir: str = "/var/lib/banyan-kproxy/audit"
+    spool_max_bytes: int = 1 << 30
+    batch_max_wait: float = 300.0
+    batch_max_size: int = 400
+    batch_buffer_size: int = 10000
+    batch_throttle_qps: float = 4.0
+    batch_throttle_burst: int = 4
+    initial_backoff: float = 30.0
+    truncate_enabled: bool = True
+    truncate_max_event_size: int = 100 * 1024
+    truncate_max_batch_size: int = 10 * 1024 * 1024
+
+
+@frozen
+class BanyanConfig:
+    """
+    ``[banyan]``: audit events to the Banyan REST API.
+    """
+
+    service_name: str
+    refresh_token_file: str
+    restapi_url: str = "https://net.banyanops.com"
+    events_path: str = "/api/v1/kube_audit_events"
+
+
+@frozen
 class Config:
     """
     A whole validated configuration file.
@@ -121,6 +172,9 @@ class Config:
     oidc: OIDCConfig | None = None
     upstream: UpstreamConfig | None = None
     impersonation: ImpersonationConfig = attr.Factory(ImpersonationConfig)
+    token_passthrough: TokenPassthroughConfig = attr.Factory(TokenPassthroughConfig)
+    audit: AuditConfig | None = None
+    banyan: BanyanConfig | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -306,6 +360,16 @@ _SECTIONS: dict[str, set[str]] = {
         "response_header_timeout", "connect_timeout", "max_connections",
     },
     "impersonation": {"client_ip", "extra", "allow_client_impersonation"},
+    "token_passthrough": {
+        "enabled", "audiences", "cache_ttl", "cache_size", "review_qps", "review_burst",
+    },
+    "audit": {
+        "policy_file", "webhook_config_file", "log_file", "spool_dir", "spool_max_bytes",
+        "batch_max_wait", "batch_max_size", "batch_buffer_size", "batch_throttle_qps",
+        "batch_throttle_burst", "initial_backoff", "truncate_enabled",
+        "truncate_max_event_size", "truncate_max_batch_size",
+    },
+    "banyan": {"service_name", "refresh_token_file", "restapi_url", "events_path"},
 }
 
 #: Where an in-cluster pod finds its service account.
@@ -440,6 +504,97 @@ def _impersonation(loader: _Loader) -> ImpersonationConfig:
     )
 
 
+def parse_positive_float(text: str) -> float:
+    """
+    A number greater than zero.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise _Problem(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise _Problem(f"{text!r} must be greater than zero")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """
+    A byte count with an optional K, M or G (powers of 1024) suffix.
+    """
+    match = re.match(r"^\s*(\d+)\s*([KMG]i?B?)?\s*$", text, re.IGNORECASE)
+    if match is None:
+        raise _Problem(f"{text!r} is not a size (bytes, or a number with K, M or G)")
+    unit = (match.group(2) or "").upper()[:1]
+    return int(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
+
+
+def _token_passthrough(loader: _Loader) -> TokenPassthroughConfig:
+    s = loader.section("token_passthrough", _SECTIONS["token_passthrough"])
+    d = TokenPassthroughConfig()
+    return TokenPassthroughConfig(
+        enabled=s.get("enabled", parse_bool, d.enabled),  # type: ignore[arg-type]
+        audiences=s.get("audiences", parse_list, d.audiences),  # type: ignore[arg-type]
+        cache_ttl=s.get("cache_ttl", parse_duration, d.cache_ttl),  # type: ignore[arg-type]
+        cache_size=s.get("cache_size", parse_positive_int, d.cache_size),  # type: ignore[arg-type]
+        review_qps=s.get("review_qps", parse_positive_float, d.review_qps),  # type: ignore[arg-type]
+        review_burst=s.get("review_burst", parse_positive_int, d.review_burst),  # type: ignore[arg-type]
+    )
+
+
+def _audit(loader: _Loader) -> AuditConfig | None:
+    if not loader.parser.has_section("audit"):
+        return None
+    s = loader.section("audit", _SECTIONS["audit"])
+    d = AuditConfig()
+    spool_dir = s.raw("spool_dir") or d.spool_dir
+    spool_dir = os.path.join(os.path.dirname(os.path.abspath(loader.path)), os.path.expanduser(spool_dir))
+    log_file = s.raw("log_file")
+    if log_file is not None:
+        log_file = os.path.join(os.path.dirname(os.path.abspath(loader.path)), os.path.expanduser(log_file))
+    return AuditConfig(
+        policy_file=s.file("policy_file"),
+        webhook_config_file=s.file("webhook_config_file"),
+        log_file=log_file,
+        spool_dir=spool_dir,
+        spool_max_bytes=s.get("spool_max_bytes", parse_size, d.spool_max_bytes),  # type: ignore[arg-type]
+        batch_max_wait=s.get("batch_max_wait", parse_duration, d.batch_max_wait),  # type: ignore[arg-type]
+        batch_max_size=s.get("batch_max_size", parse_positive_int, d.batch_max_size),  # type: ignore[arg-type]
+        batch_buffer_size=s.get(
+            "batch_buffer_size", parse_positive_int, d.batch_buffer_size
+        ),  # type: ignore[arg-type]
+        batch_throttle_qps=s.get(
+            "batch_throttle_qps", parse_positive_float, d.batch_throttle_qps
+        ),  # type: ignore[arg-type]
+        batch_throttle_burst=s.get(
+            "batch_throttle_burst", parse_positive_int, d.batch_throttle_burst
+        ),  # type: ignore[arg-type]
+        initial_backoff=s.get("initial_backoff", parse_duration, d.initial_backoff),  # type: ignore[arg-type]
+        truncate_enabled=s.get("truncate_enabled", parse_bool, d.truncate_enabled),  # type: ignore[arg-type]
+        truncate_max_event_size=s.get(
+            "truncate_max_event_size", parse_size, d.truncate_max_event_size
+        ),  # type: ignore[arg-type]
+        truncate_max_batch_size=s.get(
+            "truncate_max_batch_size", parse_size, d.truncate_max_batch_size
+        ),  # type: ignore[arg-type]
+    )
+
+
+def _banyan(loader: _Loader) -> BanyanConfig | None:
+    if not loader.parser.has_section("banyan"):
+        return None
+    s = loader.section("banyan", _SECTIONS["banyan"])
+    d = BanyanConfig("x", "x")
+    service_name = s.get("service_name", str, required=True)
+    refresh = s.file("refresh_token_file", required=True)
+    url = s.get("restapi_url", parse_https_url, d.restapi_url)
+    path = s.raw("events_path") or d.events_path
+    if not path.startswith("/"):
+        s.problem("events_path", f"{path!r} must start with /")
+    if service_name is None or refresh is None:
+        return None
+    return BanyanConfig(service_name, refresh, url, path)  # type: ignore[arg-type]
+
+
 def _read(path: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None, strict=True, inline_comment_prefixes=(";", "#"))
     parser.optionxform = str  # type: ignore[assignment, method-assign]
@@ -479,6 +634,11 @@ def load_config(
     oidc = _oidc(loader)
     upstream = _upstream(loader, os.environ if environ is None else environ, service_account_dir)
     impersonation = _impersonation(loader)
+    token_passthrough = _token_passthrough(loader)
+    audit = _audit(loader)
+    banyan = _banyan(loader)
+    if banyan is not None and audit is None:
+        loader.problems.append(f"{path}: [banyan]: needs an [audit] section (the spool and batching)")
     if parser.has_section("proxy"):
         for needed in ("oidc", "upstream"):
             if not parser.has_section(needed):
@@ -487,7 +647,7 @@ def load_config(
         loader.problems.append(f"{path}: [proxy]: section is required (no role is configured)")
     if loader.problems:
         raise ConfigError(loader.problems)
-    return Config(path, proxy, oidc, upstream, impersonation)
+    return Config(path, proxy, oidc, upstream, impersonation, token_passthrough, audit, banyan)
 
 
 def iter_sections() -> Iterator[tuple[str, set[str]]]:

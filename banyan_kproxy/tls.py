@@ -229,6 +229,9 @@ class ServerTLS:
     ``cert_file`` holds the server certificate followed by any intermediates, all
     PEM; ``key_file`` its unencrypted PEM private key.  With ``client_ca_file``,
     clients must present a certificate that chains to one of its CAs (mutual TLS).
+    With ``require_client_certificate=False`` a client may present none, but one it
+    does present must still chain to those CAs (as with kube-apiserver); the
+    application reads it from the transport's ``getPeerCertificate()``.
     The constructor loads the files and raises `TLSConfigError` when they cannot
     serve.  Each new connection uses the newest context, so a renewed certificate
     serves new connections at once while open ones keep theirs.  Hand it to
@@ -238,6 +241,7 @@ class ServerTLS:
     cert_file: str
     key_file: str
     client_ca_file: str | None = None
+    require_client_certificate: bool = field(default=True, kw_only=True)
     alpn_protocols: tuple[bytes, ...] = HTTP11
     _material: _Material = field(init=False)
     _stamp: tuple[Any, ...] = field(init=False)
@@ -251,13 +255,26 @@ class ServerTLS:
 
     @classmethod
     def from_files(
-        cls, cert_file: str, key_file: str, client_ca_file: str | None = None
+        cls,
+        cert_file: str,
+        key_file: str,
+        client_ca_file: str | None = None,
+        *,
+        require_client_certificate: bool = True,
     ) -> ServerTLS:
         """
         Load the files, raising `TLSConfigError` (naming the file and the problem)
         when one is missing, unreadable or not PEM, or the key does not match.
+
+        With ``client_ca_file``, ``require_client_certificate`` says whether a
+        client without a certificate is refused (the default) or let through.
         """
-        return cls(cert_file, key_file, client_ca_file)
+        return cls(
+            cert_file,
+            key_file,
+            client_ca_file,
+            require_client_certificate=require_client_certificate,
+        )
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -352,7 +369,11 @@ class ServerTLS:
         options: dict[str, Any] = {}
         if self.client_ca_file:
             cas = _certificates("client_ca_file", self.client_ca_file, contents[2])
-            options.update(verify=True, requireCertificate=True, caCerts=_to_openssl(cas))
+            options.update(
+                verify=True,
+                requireCertificate=self.require_client_certificate,
+                caCerts=_to_openssl(cas),
+            )
         openssl_chain = _to_openssl(chain)
         try:
             context = ssl.CertificateOptions(

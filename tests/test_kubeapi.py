@@ -30,9 +30,9 @@ from banyan_kproxy.testing.kubeapi import (
     listen,
     parse_token_spec,
     request_info,
-    server_tls_options,
 )
 from banyan_kproxy.testing.rbac import seed_rbac_yaml
+from banyan_kproxy.tls import ServerTLS
 
 PROXY_TOKEN = "proxy-token"
 ADMIN_TOKEN = "admin-token"
@@ -920,8 +920,12 @@ class KubectlTests(TestCase):
         self.reactor = reactor
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(self.directory, "home"))
+        tls_directory = os.path.join(self.directory, "tls")
+        os.makedirs(tls_directory)
         ca = CertificateAuthority.generate()
-        server = ca.issue("127.0.0.1", ip_addresses=["127.0.0.1"])
+        cert_file, key_file = ca.issue("127.0.0.1", ip_addresses=["127.0.0.1"]).write(
+            tls_directory, "server"
+        )
         self.client = ca.issue("alice", organizations=[READER], client=True)
         self.ca_data = base64.b64encode(ca.cert_pem).decode()
         self.standin = KubeAPIStandIn(
@@ -933,7 +937,10 @@ class KubectlTests(TestCase):
         self.standin.add_pod("web-1")
         self.listening = listen(
             reactor, self.standin,
-            tls=server_tls_options(server.chain_pem, server.key_pem, ca.cert_pem),
+            tls=ServerTLS.from_files(
+                cert_file, key_file, ca.write_cert(tls_directory),
+                require_client_certificate=False,
+            ),
         )
         self.addCleanup(self.listening.stop)
 

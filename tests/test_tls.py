@@ -750,6 +750,35 @@ class HTTPSPolicyTests(_LoopbackTestCase):
         """
         return ensureDeferred(self._client_certificate())
 
+    async def _optional_client_certificate(self) -> None:
+        client_ca = CertificateAuthority.generate("client CA")
+        client_ca_file = client_ca.write_cert(self.files.directory, "client-ca")
+        cert, key = self.files.server()
+        server_tls = ServerTLS.from_files(
+            cert, key, client_ca_file, require_client_certificate=False
+        )
+        port, site = self.serve(server_tls)
+        url = f"https://localhost:{port}/"
+
+        self.assertEqual(await self.get(url, https_policy(self.files.ca_file)), b"hello anonymous")
+        alice = client_ca.issue("alice", client=True)
+        policy = https_policy(self.files.ca_file, *alice.write(self.files.directory, "alice"))
+        self.assertEqual(await self.get(url, policy), b"hello alice")
+
+        # A certificate from another CA is refused, not ignored.
+        await site.all_lost()
+        mallory = CertificateAuthority.generate("other CA").issue("mallory", client=True)
+        policy = https_policy(self.files.ca_file, *mallory.write(self.files.directory, "mallory"))
+        self.assertIn("unknown ca", await self.fails(url, policy))
+
+    def test_optional_client_certificate(self) -> None:
+        """
+        With ``require_client_certificate=False`` a client without a certificate is served
+        as anonymous, one with a certificate from the client CA is seen as its CN, and
+        one from another CA is refused.
+        """
+        return ensureDeferred(self._optional_client_certificate())
+
 
 class HTTPSPolicyFileTests(SynchronousTestCase):
     """

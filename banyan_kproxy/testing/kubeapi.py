@@ -47,6 +47,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from banyan_kproxy.config import Address
 from banyan_kproxy.status import status as _status
 from banyan_kproxy.testing.rbac import (
     ANONYMOUS,
@@ -58,6 +59,7 @@ from banyan_kproxy.testing.rbac import (
     go_quote,
     with_details,
 )
+from banyan_kproxy.tls import ServerTLS, TLSConfigError, listen_tcp, listen_tls
 
 #: The identity of the proxy's own service account in the demo and the tests.
 PROXY_SERVICE_ACCOUNT = "system:serviceaccount:banyan-kproxy:banyan-kproxy"
@@ -791,7 +793,8 @@ class KubeAPIStandIn:
     ``rbac_yaml`` holds Role / ClusterRole / RoleBinding / ClusterRoleBinding YAML
     texts loaded over the built-in roles.  ``client_certificates`` makes a TLS
     client certificate authenticate (CN = user, O = groups): set it only when the
-    listener verifies client certificates against a CA (`server_tls_options` does).
+    listener verifies client certificates against a CA (a `ServerTLS` with
+    ``client_ca_file``; ``require_client_certificate=False`` keeps tokens usable).
     ``anonymous`` serves requests without credentials as ``system:anonymous``, as a
     default kube-apiserver does; without it they get 401.
     """
@@ -1933,70 +1936,27 @@ class Listening:
         ).addCallback(lambda _: None)
 
 
-def server_tls_options(
-    cert_pem: bytes,
-    key_pem: bytes,
-    client_ca_pem: bytes | None = None,
-) -> Any:
-    """
-    TLS server options for the stand-in: TLS 1.2 or newer, ALPN ``http/1.1`` only, and
-    optional (not required) client certificates verified against ``client_ca_pem``.
-
-    ``cert_pem`` may hold the leaf followed by its intermediates.
-    """
-    from OpenSSL import crypto
-    from twisted.internet import ssl
-
-    certificates = re.findall(
-        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", cert_pem, re.S
-    )
-    if not certificates:
-        raise ValueError("no certificate in the server certificate PEM")
-    leaf = crypto.load_certificate(crypto.FILETYPE_PEM, certificates[0])
-    chain = [crypto.load_certificate(crypto.FILETYPE_PEM, c) for c in certificates[1:]]
-    key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    extra: dict[str, Any] = {}
-    if client_ca_pem is not None:
-        cas = re.findall(
-            rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", client_ca_pem, re.S
-        )
-        extra = {
-            "verify": True,
-            "caCerts": [crypto.load_certificate(crypto.FILETYPE_PEM, c) for c in cas],
-            "requireCertificate": False,
-        }
-    return ssl.CertificateOptions(
-        privateKey=key,
-        certificate=leaf,
-        extraCertChain=chain,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        acceptableProtocols=[b"http/1.1"],
-        **extra,
-    )
-
-
 def listen(
     reactor: Any,
     standin: KubeAPIStandIn,
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    tls: Any = None,
+    tls: ServerTLS | None = None,
 ) -> Listening:
     """
-    Serve ``standin`` on ``host:port`` (HTTPS when ``tls`` server options are given,
-    e.g. from `server_tls_options`; plain HTTP otherwise).
-
-    Own TLS options must set ``acceptableProtocols`` (as `server_tls_options` does):
-    the listening factory wraps the `Site` to track connections, and a Twisted TLS
-    listener whose factory is not a `Site` fails clients that offer ALPN otherwise.
+    Serve ``standin`` on ``host:port``: HTTPS from ``tls`` when given (with
+    ``client_ca_file`` and ``require_client_certificate=False`` for optional client
+    certificates, as kube-apiserver has), plain HTTP otherwise.  A failed bind raises
+    ``CannotListenError`` naming the address.
     """
     factory = _TrackingFactory(Site(standin.resource()))
+    address = Address(host, port)
     if tls is not None:
-        listening = reactor.listenSSL(port, factory, tls, interface=host)
+        listening = listen_tls(reactor, address, factory, tls)
         scheme = "https"
     else:
-        listening = reactor.listenTCP(port, factory, interface=host)
+        listening = listen_tcp(reactor, address, factory)
         scheme = "http"
     return Listening(listening, scheme, host, factory, standin)
 
@@ -2078,7 +2038,7 @@ def _read(path: str) -> bytes:
         raise SystemExit(f"kubeapi: cannot read {path}: {e.strerror}")
 
 
-def _build(args: argparse.Namespace, reactor: Any) -> tuple[KubeAPIStandIn, Any]:
+def _build(args: argparse.Namespace, reactor: Any) -> tuple[KubeAPIStandIn, ServerTLS | None]:
     tokens: dict[str, UserInfo] = {}
     for spec in args.token:
         try:
@@ -2111,11 +2071,12 @@ def _build(args: argparse.Namespace, reactor: Any) -> tuple[KubeAPIStandIn, Any]
         raise SystemExit(f"kubeapi: {e}")
     tls = None
     if args.tls_cert:
-        tls = server_tls_options(
-            _read(args.tls_cert),
-            _read(args.tls_key),
-            _read(args.client_ca) if args.client_ca else None,
-        )
+        try:
+            tls = ServerTLS.from_files(
+                args.tls_cert, args.tls_key, args.client_ca, require_client_certificate=False
+            )
+        except TLSConfigError as e:
+            raise SystemExit(f"kubeapi: {e}")
     return standin, tls
 
 
