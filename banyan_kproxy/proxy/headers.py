@@ -9,6 +9,7 @@ impersonation headers.  Responses lose hop-by-hop headers only.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from urllib.parse import quote
 
@@ -154,3 +155,78 @@ def bearer_token(headers: Headers) -> tuple[str | None, str | None]:
         return token.decode("ascii"), None
     except UnicodeDecodeError:
         return None, "bearer token is not ASCII"
+
+
+#: A WebSocket sub-protocol entry carrying a bearer token (browsers cannot set
+#: ``Authorization``); kube-apiserver accepts the same.
+WEBSOCKET_TOKEN_PREFIX = b"base64url.bearer.authorization.k8s.io."
+
+
+def websocket_bearer_token(headers: Headers) -> tuple[str | None, str | None, list[bytes]]:
+    """
+    The bearer token offered as a ``Sec-WebSocket-Protocol`` entry.
+
+    Returns ``(token, problem, other_protocols)``: the token (or None), why the
+    entry cannot be used (or None), and the remaining sub-protocols in order.
+    """
+    protocols: list[bytes] = []
+    tokens: list[bytes] = []
+    for value in headers.getRawHeaders(b"sec-websocket-protocol", []):
+        for entry in value.split(b","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            if entry.startswith(WEBSOCKET_TOKEN_PREFIX):
+                tokens.append(entry[len(WEBSOCKET_TOKEN_PREFIX):])
+            else:
+                protocols.append(entry)
+    if not tokens:
+        return None, None, protocols
+    if len(tokens) > 1:
+        return None, "more than one bearer token sub-protocol", protocols
+    encoded = tokens[0]
+    try:
+        token = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4)).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        return None, "the bearer token sub-protocol is not base64url", protocols
+    if not token or any(c in token for c in "\r\n\x00 "):
+        return None, "the bearer token sub-protocol is empty or malformed", protocols
+    return token, None, protocols
+
+
+def without_websocket_token(headers: Headers, protocols: list[bytes]) -> None:
+    """
+    Replace ``Sec-WebSocket-Protocol`` with ``protocols`` (the token entry removed).
+    """
+    if protocols:
+        headers.setRawHeaders(b"Sec-WebSocket-Protocol", [b", ".join(protocols)])
+    else:
+        headers.removeHeader(b"sec-websocket-protocol")
+
+
+def passthrough_request_headers(client: Headers, peer_ip: str | None) -> Headers:
+    """
+    The headers for a request forwarded with the caller's own credential
+    (token passthrough): hop-by-hop and front-proxy headers dropped, the caller's
+    ``Authorization`` and any ``Impersonate-*`` kept for the apiserver to judge.
+    """
+    dropped = (HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for", b"audit-id"}
+               | _connection_tokens(client))
+    out = Headers()
+    for name, values in client.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in dropped or lowered.startswith(_FRONT_PROXY_PREFIXES):
+            continue
+        out.setRawHeaders(name, list(values))
+    if peer_ip:
+        out.setRawHeaders(b"X-Forwarded-For", [peer_ip.encode("ascii")])
+    return out
+
+
+def add_upgrade_headers(client: Headers, upstream: Headers) -> None:
+    """
+    Put back what an upgrade needs after the hop-by-hop filtering:
+    ``Connection: Upgrade`` and the client's ``Upgrade`` value.
+    """
+    upstream.setRawHeaders(b"Connection", [b"Upgrade"])
+    upstream.setRawHeaders(b"Upgrade", list(client.getRawHeaders(b"upgrade", [])))

@@ -23,15 +23,26 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from banyan_kproxy.config import ImpersonationConfig
 from banyan_kproxy.health import Metrics
-from banyan_kproxy.identity import TokenRejected, VerifiedToken
+from banyan_kproxy.identity import Identity, TokenRejected
 from banyan_kproxy.proxy import headers as policy
+from banyan_kproxy.proxy.upgrade import (
+    BodyReader,
+    UpstreamUpgrade,
+    is_upgrade,
+    is_websocket,
+    request_head,
+    swap_protocol,
+    take_over,
+)
 from banyan_kproxy.proxy.upstream import CredentialError, Upstream
+from banyan_kproxy.tunnel import Splice, SpliceEnd
 from banyan_kproxy.status import status_body
 
 #: Statuses whose responses never carry a body.
@@ -54,6 +65,9 @@ class ProxyMetrics:
     upstream_errors: Any
     in_flight: Any
     open_streams: Any
+    tunnels: Any
+    open_tunnels: Any
+    tunnel_bytes: Any
 
     @classmethod
     def create(cls, metrics: Metrics) -> ProxyMetrics:
@@ -87,6 +101,18 @@ class ProxyMetrics:
             open_streams=metrics.gauge(
                 "kproxy_open_streams",
                 "Streaming responses (watches, logs -f, chunked) being relayed now.",
+            ),
+            tunnels=metrics.counter(
+                "kproxy_tunnels_total",
+                "Upgrade requests (exec, attach, port-forward), by outcome: "
+                "upgraded, refused (a non-101 answer) or failed.",
+                ("outcome",),
+            ),
+            open_tunnels=metrics.gauge("kproxy_open_tunnels", "Upgraded connections open now."),
+            tunnel_bytes=metrics.counter(
+                "kproxy_tunnel_bytes_total",
+                "Bytes carried by upgraded connections, by direction.",
+                ("direction",),
             ),
         )
 
@@ -139,6 +165,24 @@ class _BodyRelay(Protocol):
 
 
 @attr.s(auto_attribs=True)
+class _Call:
+    """
+    What the proxy knows about one request while handling it.
+    """
+
+    request: Request
+    started: float
+    peer: str | None
+    audit_id: str = attr.Factory(lambda: str(uuid.uuid4()))
+    websocket: bool = False
+    ws_token: bool = False
+    ws_protocols: list[bytes] = attr.Factory(list)
+    passthrough: bool = False
+    identity: Identity | None = None
+    impersonated: Identity | None = None
+
+
+@attr.s(auto_attribs=True)
 class KubeProxyResource(Resource):
     """
     The leaf resource that proxies every path to the apiserver.
@@ -151,6 +195,10 @@ class KubeProxyResource(Resource):
     clock: Any
     # Runs request-body producers; twisted.internet.task's global cooperator by default.
     cooperator: Any = attr.ib(default=attr.Factory(lambda: task))
+    # TokenReview for tokens that are not this issuer's ([token_passthrough]).
+    reviewer: Any = None
+    # SubjectAccessReview for kubectl --as ([impersonation] allow_client_impersonation).
+    authorizer: Any = None
     isLeaf = True
     log = Logger()
 
@@ -204,87 +252,166 @@ class KubeProxyResource(Resource):
         self.metrics.requests.labels(method=_method_label(request.method), code=str(code)).inc()
         self.metrics.latency.observe(self.clock.seconds() - started)
 
-    async def _authenticate(self, request: Request) -> VerifiedToken | TokenRejected:
-        token, why = policy.bearer_token(request.requestHeaders)
+    async def _authenticate(self, call: _Call) -> Identity | TokenRejected:
+        """
+        The caller's identity from its bearer token: an ID token of the configured
+        issuer, or (with token passthrough) any token the apiserver's TokenReview
+        accepts.
+        """
+        headers = call.request.requestHeaders
+        token, why = policy.bearer_token(headers)
+        if call.websocket:
+            ws_token, ws_problem, call.ws_protocols = policy.websocket_bearer_token(headers)
+            if ws_problem is not None:
+                return TokenRejected("malformed", ws_problem)
+            if ws_token is not None:
+                if headers.hasHeader(b"authorization"):
+                    return TokenRejected("malformed", "both Authorization and a WebSocket token")
+                token, call.ws_token = ws_token, True
         if token is None:
             return TokenRejected("missing", why or "no bearer token")
         try:
-            return await self.verifier.verify(token)
-        except TokenRejected as e:
-            return e
+            verified = await self.verifier.verify(token)
+        except TokenRejected as rejected:
+            if self.reviewer is None:
+                return rejected
+            try:
+                identity = await self.reviewer.review(token)
+            except TokenRejected as review_rejected:
+                # Say why the ID token failed, and what the TokenReview said.
+                return TokenRejected(
+                    rejected.reason, f"{rejected.detail}; passthrough: {review_rejected.detail}"
+                )
+            call.passthrough = True
+            return identity
+        return verified.identity
 
     async def _handle(self, request: Request, started: float) -> None:
-        peer = _peer_ip(request)
-        uri = request.uri
-        if not uri.startswith(b"/"):
+        call = _Call(request, started, _peer_ip(request))
+        call.websocket = is_websocket(request.requestHeaders)
+        if not request.uri.startswith(b"/"):
             self._error(request, 400, "the request target must be a path", started)
             return
-        result = await self._authenticate(request)
+        result = await self._authenticate(call)
         if isinstance(result, TokenRejected):
             self.metrics.verifications.labels(outcome="rejected", reason=result.reason).inc()
             self.log.info(
                 "401 {method} {path} from {peer}: token rejected ({reason}): {detail}",
                 method=request.method.decode("ascii", "replace"),
                 path=request.path.decode("ascii", "replace"),
-                peer=peer,
+                peer=call.peer,
                 reason=result.reason,
                 detail=result.detail,
             )
             self._error(request, 401, "Unauthorized", started)
             return
-        self.metrics.verifications.labels(outcome="accepted", reason="").inc()
-        identity = result.identity
+        self.metrics.verifications.labels(
+            outcome="passthrough" if call.passthrough else "accepted", reason=""
+        ).inc()
+        call.identity = result
+        if not await self._impersonation(call):
+            return
+        if call.passthrough:
+            headers = policy.passthrough_request_headers(request.requestHeaders, call.peer)
+        else:
+            headers = policy.upstream_request_headers(
+                request.requestHeaders,
+                call.impersonated or call.identity,
+                call.peer,
+                extra=self.impersonation.extra,
+                client_ip_extra=self.impersonation.client_ip,
+            )
+            if call.ws_token:
+                policy.without_websocket_token(headers, call.ws_protocols)
+        if is_upgrade(request.requestHeaders):
+            policy.add_upgrade_headers(request.requestHeaders, headers)
+            await self._upgrade(call, headers)
+        else:
+            await self._forward(call, headers)
+
+    async def _impersonation(self, call: _Call) -> bool:
+        """
+        Deal with ``Impersonate-*`` headers the client sent (``kubectl --as``):
+        refused unless allowed, and then authorized by SubjectAccessReviews.
+        Returns whether the request may go on.
+        """
+        request = call.request
         asserted = policy.client_impersonation_headers(request.requestHeaders)
-        if asserted:
+        if not asserted or call.passthrough:
+            # With passthrough the caller's own token goes upstream, and the
+            # apiserver itself authorizes any impersonation it asks for.
+            return True
+        user = call.identity.user  # type: ignore[union-attr]
+        if self.authorizer is None:
             self.log.info(
                 "403 {method} {path} from {peer}: {user} sent {headers}; "
                 "client impersonation is not allowed",
                 method=request.method.decode("ascii", "replace"),
                 path=request.path.decode("ascii", "replace"),
-                peer=peer,
-                user=identity.user,
+                peer=call.peer,
+                user=user,
                 headers=", ".join(asserted),
             )
             self._error(
                 request,
                 403,
-                f'User "{identity.user}" cannot impersonate through this proxy: '
+                f'User "{user}" cannot impersonate through this proxy: '
                 f"{', '.join(asserted)} headers are not allowed",
-                started,
+                call.started,
             )
-            return
-        if request.requestHeaders.hasHeader(b"upgrade"):
-            self._error(
-                request,
-                501,
-                "protocol upgrades (exec, attach, port-forward) are not supported by this proxy yet",
-                started,
-                reason="NotImplemented",
-            )
-            return
-        await self._forward(request, result, peer, started)
-
-    async def _forward(
-        self, request: Request, verified: VerifiedToken, peer: str | None, started: float
-    ) -> None:
-        headers = policy.upstream_request_headers(
-            request.requestHeaders,
-            verified.identity,
-            peer,
-            extra=self.impersonation.extra,
-            client_ip_extra=self.impersonation.client_ip,
+            return False
+        from banyan_kproxy.identity.impersonation import (
+            ImpersonationDenied,
+            ImpersonationError,
+            RequestedImpersonation,
         )
-        body = None
-        content = request.content
-        if content is not None:
-            content.seek(0, 2)
-            size = content.tell()
-            content.seek(0)
-            if size or request.requestHeaders.hasHeader(b"content-length"):
-                body = FileBodyProducer(content, cooperator=self.cooperator)
-        audit_id = str(uuid.uuid4())
+
         try:
-            pending = self.upstream.request(request.method, request.uri, headers, body, audit_id)
+            requested = RequestedImpersonation.from_headers(request.requestHeaders)
+            assert requested is not None
+            call.impersonated = await self.authorizer.authorize(call.identity, requested)
+        except ImpersonationError as e:
+            self._error(request, e.code, e.message, call.started)
+            return False
+        except ImpersonationDenied as e:
+            self.log.info(
+                "403 {method} {path} from {peer}: {user} may not impersonate: {why}",
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("ascii", "replace"),
+                peer=call.peer,
+                user=user,
+                why=str(e),
+            )
+            self._error(request, 403, str(e), call.started)
+            return False
+        except TokenRejected as e:
+            self.metrics.upstream_errors.labels(kind="impersonation_review").inc()
+            self._error(request, 503, f"cannot check impersonation: {e.detail}", call.started)
+            return False
+        return True
+
+    def _body(self, request: Request) -> tuple[Any, int]:
+        """
+        The request body as a producer (None when there is none) and its length.
+        """
+        content = request.content
+        if content is None:
+            return None, 0
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(0)
+        if size or request.requestHeaders.hasHeader(b"content-length"):
+            return FileBodyProducer(content, cooperator=self.cooperator), size
+        return None, 0
+
+    async def _forward(self, call: _Call, headers: Headers) -> None:
+        request, started = call.request, call.started
+        body, _ = self._body(request)
+        try:
+            pending = self.upstream.request(
+                request.method, request.uri, headers, body, call.audit_id,
+                credential=not call.passthrough,
+            )
         except CredentialError as e:
             self.log.error("Cannot forward: {error}", error=str(e))
             self.metrics.upstream_errors.labels(kind="credential").inc()
@@ -299,6 +426,115 @@ class KubeProxyResource(Resource):
             self._upstream_failed(request, e, started)
             return
         await self._relay(request, response, started)
+
+    async def _upgrade(self, call: _Call, headers: Headers) -> None:
+        """
+        Carry an upgrade request over a raw TLS connection to the apiserver; on
+        ``101`` splice the client's connection to it, otherwise relay the answer.
+        """
+        request, started = call.request, call.started
+        content = request.content
+        body = content.read() if content is not None else b""
+        try:
+            if not call.passthrough:
+                for name, values in self.upstream.credential_headers().items():
+                    headers.setRawHeaders(name, values)
+        except CredentialError as e:
+            self.log.error("Cannot forward: {error}", error=str(e))
+            self.metrics.upstream_errors.labels(kind="credential").inc()
+            self._error(request, 503, "the proxy cannot authenticate to the Kubernetes API", started)
+            return
+        headers.setRawHeaders(b"Audit-ID", [call.audit_id.encode("ascii")])
+        head = request_head(request.method, request.uri, self.upstream.host_header, headers, len(body))
+        upstream = UpstreamUpgrade(head, body)
+        # Hold the client's bytes back until the upstream side is decided.
+        request.channel.transport.pauseProducing()
+        connecting = self.upstream.connect(upstream)
+        connecting.addTimeout(self.upstream.config.connect_timeout, self.clock)
+        answered = upstream.head
+        answered.addTimeout(self.upstream.config.response_header_timeout, self.clock)
+        client_gone = request.notifyFinish()
+        client_gone.addErrback(lambda _: (connecting.cancel(), answered.cancel()))
+        try:
+            await connecting
+            code, phrase, response_headers, raw_head = await answered
+        except Exception as e:  # noqa: BLE001 - every failure becomes a Status
+            if upstream.transport is not None:
+                upstream.transport.abortConnection()
+            request.channel and request.channel.transport and request.channel.transport.resumeProducing()
+            self.metrics.tunnels.labels(outcome="failed").inc()
+            self._upstream_failed(request, e, started)
+            return
+        if request._disconnected:
+            upstream.transport.abortConnection()
+            return
+        if code != 101:
+            self.metrics.tunnels.labels(outcome="refused").inc()
+            request.channel.transport.resumeProducing()
+            await self._relay_raw(call, upstream, code, phrase, response_headers)
+            return
+        self.metrics.tunnels.labels(outcome="upgraded").inc()
+        self._count(request, 101, started)
+        client = SpliceEnd("client")
+        early = take_over(request, client)
+        client.transport.write(raw_head)
+        if early:
+            upstream.transport.write(early)
+        self.metrics.open_tunnels.inc()
+        opened = self.clock.seconds()
+
+        def closed(splice: Splice) -> None:
+            self.metrics.open_tunnels.dec()
+            sent, received = splice.left.received, splice.right.received
+            self.metrics.tunnel_bytes.labels(direction="client_to_upstream").inc(sent + len(early))
+            self.metrics.tunnel_bytes.labels(direction="upstream_to_client").inc(received)
+            self.log.info(
+                "Tunnel closed: {user} {method} {path} ({protocol}): {sent} bytes in, "
+                "{received} bytes out, {duration:.1f}s",
+                user=(call.impersonated or call.identity).user,  # type: ignore[union-attr]
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("ascii", "replace"),
+                protocol=b", ".join(response_headers.getRawHeaders(b"upgrade", [])).decode(
+                    "ascii", "replace"
+                ),
+                sent=sent + len(early),
+                received=received,
+                duration=self.clock.seconds() - opened,
+            )
+
+        Splice(client, upstream, closed)
+
+    async def _relay_raw(
+        self, call: _Call, upstream: UpstreamUpgrade, code: int, phrase: bytes, headers: Headers
+    ) -> None:
+        """
+        Relay a non-101 answer to an upgrade request as an ordinary response.
+        """
+        request = call.request
+        request.setResponseCode(code, phrase)
+        for name, values in policy.downstream_response_headers(headers).getAllRawHeaders():
+            request.responseHeaders.setRawHeaders(name, list(values))
+        length = headers.getRawHeaders(b"content-length")
+        if length:
+            request.responseHeaders.setRawHeaders(b"content-length", [length[0]])
+        self._count(request, code, call.started)
+        reader = BodyReader(headers, request.write)
+        early = upstream.take_pending()
+        upstream_transport = upstream.transport
+        # The raw connection now feeds the body reader.
+        swap_protocol(upstream_transport, reader)
+        reader.transport = upstream_transport
+        reader.start(early)
+        upstream_transport.resumeProducing()
+        try:
+            await reader.done
+        except Exception:  # noqa: BLE001 - a broken body aborts the client
+            _abort(request)
+            return
+        finally:
+            upstream_transport.loseConnection()
+        if not request.finished and not request._disconnected:
+            request.finish()
 
     def _upstream_failed(self, request: Request, error: Exception, started: float) -> None:
         if request._disconnected:

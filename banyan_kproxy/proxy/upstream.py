@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from urllib.parse import urlsplit
 from typing import Any
 
 import attr
@@ -120,6 +121,8 @@ class Upstream:
     agent: Any  # IAgent
     token: TokenFile | None
     pool: HTTPConnectionPool | None = None
+    reactor: Any = None
+    policy: IPolicyForHTTPS | None = None
 
     @classmethod
     def from_config(
@@ -139,7 +142,7 @@ class Upstream:
         if config.token_file:
             token = TokenFile(config.token_file, reactor)
             token.load()
-        return cls(config, agent, token, pool)
+        return cls(config, agent, token, pool, reactor, policy)
 
     @property
     def base_url(self) -> bytes:
@@ -155,20 +158,62 @@ class Upstream:
         headers: Headers,
         body: IBodyProducer | None = None,
         audit_id: str | None = None,
+        credential: bool = True,
     ) -> Deferred[IResponse]:
         """
         Send one request upstream with the proxy's credential and an ``Audit-ID``.
 
         ``headers`` are already filtered by the header policy; this adds
-        ``Authorization`` (bearer-token credential) and ``Audit-ID`` only.
+        ``Authorization`` (bearer-token credential, unless ``credential`` is false
+        because the caller's own token is passed through) and ``Audit-ID`` only.
         """
         headers = headers.copy()
-        if self.token is not None:
-            headers.setRawHeaders(b"Authorization", [b"Bearer " + self.token.current()])
+        if credential:
+            for name, values in self.credential_headers().items():
+                headers.setRawHeaders(name, values)
         headers.setRawHeaders(
             b"Audit-ID", [(audit_id or str(uuid.uuid4())).encode("ascii")]
         )
         return self.agent.request(method, self.base_url + path_and_query, headers, body)
+
+    @property
+    def netloc(self) -> tuple[str, int]:
+        """
+        The apiserver's host and port.
+        """
+        url = urlsplit(self.config.server)
+        return url.hostname or "", url.port or 443
+
+    @property
+    def host_header(self) -> bytes:
+        """
+        The ``Host`` header value for the apiserver.
+        """
+        return urlsplit(self.config.server).netloc.encode("ascii")
+
+    def credential_headers(self) -> dict[bytes, list[bytes]]:
+        """
+        The proxy's own credential as request headers (none for a client certificate).
+        """
+        if self.token is None:
+            return {}
+        return {b"Authorization": [b"Bearer " + self.token.current()]}
+
+    def connect(self, protocol: Any) -> Deferred[Any]:
+        """
+        Open a raw TLS connection to the apiserver speaking ``protocol`` (for
+        upgrades, which Twisted's HTTP client cannot carry).
+        """
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+        from twisted.internet.protocol import Factory
+
+        host, port = self.netloc
+        assert self.policy is not None and self.reactor is not None
+        creator = self.policy.creatorForNetloc(host.encode("idna"), port)
+        endpoint = wrapClientTLS(
+            creator, HostnameEndpoint(self.reactor, host, port, timeout=self.config.connect_timeout)
+        )
+        return endpoint.connect(Factory.forProtocol(lambda: protocol))
 
     def close(self) -> Deferred[None]:
         """
