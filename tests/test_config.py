@@ -279,3 +279,48 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(parse_address("0.0.0.0:8443"), Address("0.0.0.0", 8443))
         self.assertEqual(parse_address("[::]:8443"), Address("::", 8443))
         self.assertEqual(str(Address("::1", 80)), "[::1]:80")
+
+
+class SampleFileTests(SynchronousTestCase):
+    """
+    The shipped sample configuration, etc/banyan-kproxy/kproxy.ini.
+    """
+
+    def sample(self) -> str:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(here, "etc", "banyan-kproxy", "kproxy.ini"), encoding="utf-8") as f:
+            return f.read()
+
+    def test_documents_every_key(self) -> None:
+        """
+        Every key the daemon understands is written out (and so documented) in the
+        sample; optional sections may be commented out.
+        """
+        from banyan_kproxy.config import iter_sections
+
+        text = self.sample()
+        missing = []
+        for section, keys in iter_sections():
+            block = text.partition(f"\n[{section}]")[2].partition("\n[")[0]
+            if not block:
+                block = text.partition(f"\n;[{section}]")[2].partition("\n;[")[0]
+            if not block:
+                missing.append(f"[{section}]")
+                continue
+            for key in keys:
+                if f"\n{key} =" not in block and f"\n;{key} =" not in block:
+                    missing.append(f"[{section}] {key}")
+        self.assertEqual(missing, [])
+
+    def test_loads(self) -> None:
+        """
+        The sample is a valid configuration once its files exist.
+        """
+        files = ConfigFiles(self)
+        text = self.sample().replace("/etc/banyan-kproxy/", files.dir.path + "/")
+        text = text.replace("/var/lib/banyan-kproxy/", files.dir.path + "/")
+        for name in ("apiserver-ca.crt", "apiserver.token", "banyan-refresh-token"):
+            files.dir.child(name).setContent(b"x\n")
+        config = load_config(files.write(text))
+        self.assertEqual(config.oidc.issuer_url, "https://example.trust.banyanops.com/v2")
+        self.assertEqual(config.oidc.groups_prefix, "banyan:")

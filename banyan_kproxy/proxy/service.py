@@ -59,12 +59,23 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
         ),
     )
     verifier = OIDCVerifier(config.oidc, issuer_http_client(reactor, config.oidc.ca_file), reactor)
+    reviewer = authorizer = None
+    if config.token_passthrough.enabled:
+        from banyan_kproxy.identity.tokenreview import TokenReviewer
+
+        reviewer = TokenReviewer(config.token_passthrough, upstream, reactor)
+    if config.impersonation.allow_client_impersonation:
+        from banyan_kproxy.identity.impersonation import ImpersonationAuthorizer
+
+        authorizer = ImpersonationAuthorizer(upstream, reactor)
     resource = KubeProxyResource(
         verifier=verifier,
         upstream=upstream,
         impersonation=config.impersonation,
         metrics=ProxyMetrics.create(metrics),
         clock=reactor,
+        reviewer=reviewer,
+        authorizer=authorizer,
     )
     site = _QuietSite(resource)
     site.displayTracebacks = False
