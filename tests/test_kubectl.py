@@ -47,8 +47,14 @@ class StackTestCase(TestCase):
 
     timeout = 120
 
+    def make_stack(self) -> LoopbackStack:
+        """
+        The stack this test case runs (subclasses configure more).
+        """
+        return LoopbackStack(reactor, os.path.abspath(self.mktemp()))
+
     def setUp(self) -> Deferred[None]:
-        self.stack = LoopbackStack(reactor, os.path.abspath(self.mktemp()))
+        self.stack = self.make_stack()
         self.home = os.path.abspath(self.mktemp())
         os.makedirs(self.home)
 
@@ -313,3 +319,118 @@ class WatchTests(StackTestCase):
             if reactor.seconds() > deadline:
                 self.fail(f"timed out waiting for {what}")
             await deferLater(reactor, 0.05, lambda: None)
+
+
+DEPLOYER_RBAC = """\
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: deployer-reads-pods
+  namespace: default
+subjects:
+- kind: ServiceAccount
+  name: deployer
+  namespace: default
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: pod-reader-default
+"""
+
+
+class PassthroughTests(StackTestCase):
+    """
+    ``[token_passthrough]``: service-account tokens go through with their own identity.
+    """
+
+    def make_stack(self) -> LoopbackStack:
+        from banyan_kproxy.testing.kubeapi import UserInfo
+
+        self.sa_token = "sa-" + os.urandom(16).hex()
+        return LoopbackStack(
+            reactor, os.path.abspath(self.mktemp()),
+            extra_ini="[token_passthrough]\nenabled = true\n",
+            standin_tokens={self.sa_token: UserInfo.service_account("default", "deployer")},
+            standin_rbac=[DEPLOYER_RBAC],
+        )
+
+    def test_service_account_token(self) -> Deferred[None]:
+        """
+        A token the issuer did not mint but the apiserver's TokenReview accepts goes
+        upstream as it is, without impersonation, and RBAC decides for that account.
+        """
+
+        async def run() -> None:
+            self.stack.standin.add_pod("web-1")
+            kubeconfig = self.stack.write_kubeconfig("kubeconfig", {"deployer": self.sa_token})
+            output, code = await self.kubectl(kubeconfig, "get", "pods")
+            self.assertEqual(code, 0, output)
+            self.assertIn("web-1", output)
+            output, code = await self.kubectl(kubeconfig, "get", "services")
+            self.assertEqual(
+                output.splitlines()[-1],
+                'Error from server (Forbidden): services is forbidden: User '
+                '"system:serviceaccount:default:deployer" cannot list resource "services" in API '
+                'group "" in the namespace "default"',
+            )
+            listed = [r for r in self.stack.standin.requests if r.path == "/api/v1/namespaces/default/pods"]
+            self.assertEqual(listed[-1].requester.name, "system:serviceaccount:default:deployer")
+            self.assertEqual(listed[-1].header_values("impersonate-user"), [])
+            reviews = [r for r in self.stack.standin.requests if r.path.endswith("/tokenreviews")]
+            # Answers are cached: one review for all of kubectl's requests.
+            self.assertEqual(len(reviews), 1)
+            self.assertIn('outcome="passthrough"', await self.metrics())
+
+            kubeconfig = self.stack.write_kubeconfig("bad", {"nobody": "not-a-valid-token"})
+            output, code = await self.kubectl(kubeconfig, "get", "pods")
+            self.assertTrue(output.splitlines()[-1].startswith(LOGGED_OUT), output)
+
+        return ensureDeferred(run())
+
+    async def metrics(self) -> str:
+        import treq
+
+        response = await treq.get(self.stack.health_url + "/metrics", persistent=False, timeout=5)
+        return await treq.text_content(response)
+
+
+class ClientImpersonationTests(StackTestCase):
+    """
+    ``kubectl --as`` with ``allow_client_impersonation = true``.
+    """
+
+    def make_stack(self) -> LoopbackStack:
+        return LoopbackStack(
+            reactor, os.path.abspath(self.mktemp()),
+            extra_ini="[impersonation]\nallow_client_impersonation = true\n",
+        )
+
+    def test_as(self) -> Deferred[None]:
+        """
+        An admin may act as the reader and then gets the reader's Forbidden; the
+        apiserver sees the reader with the admin recorded as original user; the
+        reader may not act as anyone and gets the impersonation Forbidden.
+        """
+
+        async def run() -> None:
+            kubeconfig = self.users()
+            output, code = await self.kubectl(
+                kubeconfig, "--context", "admin", "--as", "banyan:myuser@example.com",
+                "--as-group", "banyan:any-employee-personal-device", "get", "services",
+            )
+            self.assertEqual(output.splitlines()[-1], FORBIDDEN_SERVICES)
+            seen = [r for r in self.stack.standin.requests if r.path.endswith("/services")][-1]
+            self.assertEqual(seen.user, "banyan:myuser@example.com")
+            self.assertEqual(dict(seen.extra)["originaluser.banyan-kproxy.io/user"],
+                             ("banyan:admin@example.com",))
+            output, code = await self.kubectl(
+                kubeconfig, "--context", "reader", "--as", "banyan:admin@example.com", "get", "pods",
+            )
+            self.assertEqual(
+                output.splitlines()[-1],
+                'Error from server (Forbidden): users "banyan:admin@example.com" is forbidden: User '
+                '"banyan:myuser@example.com" cannot impersonate resource "users" in API group "" at '
+                "the cluster scope",
+            )
+
+        return ensureDeferred(run())

@@ -29,3 +29,31 @@ __all__ = [
     "VerifiedToken",
     "header_value_problem",
 ]
+
+# Token passthrough (TokenReview) and client impersonation (SubjectAccessReview).
+from .impersonation import (  # noqa: E402
+    ORIGINAL_GROUPS_EXTRA,
+    ORIGINAL_UID_EXTRA,
+    ORIGINAL_USER_EXTRA,
+    ORIGINAL_USER_EXTRA_PREFIX,
+    ImpersonationAuthorizer,
+    ImpersonationDenied,
+    ImpersonationError,
+    ImpersonationUnavailable,
+    RequestedImpersonation,
+)
+from .tokenreview import PASSTHROUGH_REJECTION_REASONS, TokenReviewer  # noqa: E402
+
+__all__ += [
+    "ImpersonationAuthorizer",
+    "ImpersonationDenied",
+    "ImpersonationError",
+    "ImpersonationUnavailable",
+    "ORIGINAL_GROUPS_EXTRA",
+    "ORIGINAL_UID_EXTRA",
+    "ORIGINAL_USER_EXTRA",
+    "ORIGINAL_USER_EXTRA_PREFIX",
+    "PASSTHROUGH_REJECTION_REASONS",
+    "RequestedImpersonation",
+    "TokenReviewer",
+]

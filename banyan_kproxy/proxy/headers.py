@@ -41,6 +41,7 @@ _REPLACED_UPSTREAM = frozenset(
 _FRONT_PROXY_PREFIXES = (b"x-remote-user", b"x-remote-group", b"x-remote-extra-")
 
 GROUP_AUTHENTICATED = "system:authenticated"
+GROUP_UNAUTHENTICATED = "system:unauthenticated"
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
@@ -96,7 +97,7 @@ def upstream_request_headers(
         out.setRawHeaders(name, list(values))
     out.setRawHeaders(b"Impersonate-User", [_encode(identity.user)])
     groups = list(identity.groups)
-    if GROUP_AUTHENTICATED not in groups:
+    if GROUP_AUTHENTICATED not in groups and GROUP_UNAUTHENTICATED not in groups:
         groups.append(GROUP_AUTHENTICATED)
     # One header line per group: kube-apiserver does not split on commas.
     out.setRawHeaders(b"Impersonate-Group", [_encode(g) for g in groups])

@@ -228,14 +228,20 @@ class KubeProxyResource(Resource):
         return NOT_DONE_YET
 
     def _error(
-        self, request: Request, code: int, message: str, started: float, reason: str | None = None
+        self,
+        request: Request,
+        code: int,
+        message: str,
+        started: float,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         """
         Answer with a Kubernetes ``Status`` body.
         """
         if request.finished or request._disconnected:
             return
-        body = status_body(code, message, reason)
+        body = status_body(code, message, reason, details)
         request.setResponseCode(code)
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
@@ -363,6 +369,7 @@ class KubeProxyResource(Resource):
         from banyan_kproxy.identity.impersonation import (
             ImpersonationDenied,
             ImpersonationError,
+            ImpersonationUnavailable,
             RequestedImpersonation,
         )
 
@@ -370,9 +377,6 @@ class KubeProxyResource(Resource):
             requested = RequestedImpersonation.from_headers(request.requestHeaders)
             assert requested is not None
             call.impersonated = await self.authorizer.authorize(call.identity, requested)
-        except ImpersonationError as e:
-            self._error(request, e.code, e.message, call.started)
-            return False
         except ImpersonationDenied as e:
             self.log.info(
                 "403 {method} {path} from {peer}: {user} may not impersonate: {why}",
@@ -380,13 +384,17 @@ class KubeProxyResource(Resource):
                 path=request.path.decode("ascii", "replace"),
                 peer=call.peer,
                 user=user,
-                why=str(e),
+                why=e.message,
             )
-            self._error(request, 403, str(e), call.started)
+            self._error(request, 403, e.message, call.started, details=e.details or None)
             return False
-        except TokenRejected as e:
+        except ImpersonationUnavailable as e:
             self.metrics.upstream_errors.labels(kind="impersonation_review").inc()
-            self._error(request, 503, f"cannot check impersonation: {e.detail}", call.started)
+            self.log.warn("Cannot check impersonation for {user}: {why}", user=user, why=e.message)
+            self._error(request, 503, e.message, call.started)
+            return False
+        except ImpersonationError as e:
+            self._error(request, e.code, e.message, call.started)
             return False
         return True
 

@@ -145,6 +145,9 @@ class LoopbackStack:
     extra_ini: str = ""
     # The status the issuer's discovery document is served with at first (503: down).
     issuer_status: int = 200
+    # More bearer tokens the stand-in accepts (e.g. service accounts), and more RBAC.
+    standin_tokens: dict[str, Any] = attr.Factory(dict)
+    standin_rbac: list[str] = attr.Factory(list)
     log = Logger()
 
     ca: Any = None
@@ -213,8 +216,8 @@ class LoopbackStack:
         if self.cluster is None:
             proxy_token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
             self.standin = KubeAPIStandIn(
-                tokens={proxy_token: PROXY_SERVICE_ACCOUNT},
-                rbac_yaml=[proxy_rbac_yaml(), seed_rbac_yaml()],
+                tokens={proxy_token: PROXY_SERVICE_ACCOUNT, **self.standin_tokens},
+                rbac_yaml=[proxy_rbac_yaml(), seed_rbac_yaml(), *self.standin_rbac],
                 clock=self.reactor,
             )
             standin_port = self._listen(self.standin.resource(), "kubeapi")
