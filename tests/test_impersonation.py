@@ -24,7 +24,7 @@ from banyan_kproxy.identity import (
     ImpersonationUnavailable,
     RequestedImpersonation,
 )
-from banyan_kproxy.identity.impersonation import go_quote
+from banyan_kproxy.status import go_quote
 from banyan_kproxy.proxy.headers import upstream_request_headers
 from banyan_kproxy.testing.kubeapi import UserInfo
 from tests.test_tokenreview import CannedAnswer, Harness, shipped_rbac

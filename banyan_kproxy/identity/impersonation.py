@@ -34,6 +34,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from banyan_kproxy.status import forbidden_message
+
 from .claims import header_value_problem
 from .model import Identity
 from .token import show
@@ -118,32 +120,6 @@ class ImpersonationUnavailable(ImpersonationError):
         return f"ImpersonationUnavailable({self.message!r})"
 
 
-# -- messages in kube-apiserver's words -------------------------------------------------
-
-_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
-
-
-def go_quote(value: str) -> str:
-    """
-    ``value`` quoted as Go's ``%q`` quotes it, as kube-apiserver's messages quote names.
-    """
-    out = ['"']
-    for ch in value:
-        code = ord(ch)
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ch in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[ch])
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
-        elif not ch.isprintable() and ch != " ":
-            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
 @frozen
 class ImpersonationCheck:
     """
@@ -182,22 +158,16 @@ class ImpersonationCheck:
         API group "" at the cluster scope``, then ``: <reason>`` when the authorizer
         gave one.
         """
-        resource = self.resource + ("/" + self.subresource if self.subresource else "")
-        where = (
-            f"in the namespace {go_quote(self.namespace)}"
-            if self.namespace
-            else "at the cluster scope"
+        return forbidden_message(
+            requester,
+            "impersonate",
+            resource=self.resource,
+            subresource=self.subresource,
+            api_group=self.group,
+            namespace=self.namespace,
+            name=self.name,
+            reason=reason,
         )
-        detail = (
-            f"User {go_quote(requester)} cannot impersonate resource {go_quote(resource)}"
-            f" in API group {go_quote(self.group)} {where}"
-        )
-        # responsewriters.Forbidden escapes HTML in its own part of the message.
-        detail = detail.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        if reason:
-            detail = f"{detail}: {reason}"
-        qualified = f"{self.resource}.{self.group}" if self.group else self.resource
-        return f"{qualified} {go_quote(self.name)} is forbidden: {detail}"
 
     def forbidden_details(self) -> dict[str, str]:
         """

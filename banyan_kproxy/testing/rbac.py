@@ -27,7 +27,8 @@ from typing import Any, Union
 import yaml
 from attr import field, frozen
 
-from banyan_kproxy.status import status
+from banyan_kproxy.status import forbidden_message as _forbidden_message
+from banyan_kproxy.status import go_quote, status
 
 #: The API group of RBAC objects, and of ``User`` / ``Group`` subjects.
 RBAC_GROUP = "rbac.authorization.k8s.io"
@@ -236,32 +237,6 @@ class Decision:
     reason: str = ""
 
 
-def go_quote(value: str) -> str:
-    """
-    ``value`` quoted as Go's ``%q`` verb quotes it: how kube-apiserver quotes user
-    names, resources and namespaces in its messages.
-    """
-    out = ['"']
-    for ch in value:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
 def qualified_resource(resource: str, api_group: str) -> str:
     """
     ``schema.GroupResource.String()``: ``pods``, or ``userextras.authentication.k8s.io``.
@@ -271,40 +246,21 @@ def qualified_resource(resource: str, api_group: str) -> str:
 
 def forbidden_message(attributes: Attributes, reason: str = "") -> str:
     """
-    The ``message`` of kube-apiserver's Forbidden ``Status`` for a denied request.
-
-    ``services is forbidden: User "u" cannot list resource "services" in API group ""
-    in the namespace "default"``; with the object's name for named requests; ``at the
-    cluster scope`` without a namespace; ``forbidden: User "u" cannot get path
-    "/healthz"`` for non-resource requests; ``: <reason>`` appended when the authorizer
-    gave one.
+    The ``message`` of kube-apiserver's Forbidden ``Status`` for a denied request
+    (L{banyan_kproxy.status.forbidden_message} for these attributes).
     """
-    user = go_quote(attributes.user)
     if not attributes.resource_request:
-        detail = f"User {user} cannot {attributes.verb} path {go_quote(attributes.path)}"
-    else:
-        resource = attributes.resource
-        if attributes.subresource:
-            resource += "/" + attributes.subresource
-        where = (
-            f"in the namespace {go_quote(attributes.namespace)}"
-            if attributes.namespace
-            else "at the cluster scope"
-        )
-        detail = (
-            f"User {user} cannot {attributes.verb} resource {go_quote(resource)}"
-            f" in API group {go_quote(attributes.api_group)} {where}"
-        )
-    # The apiserver's sanitizer escapes HTML-looking text in its own part.
-    detail = detail.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    if reason:
-        detail = f"{detail}: {reason}"
-    if not attributes.resource_request or not (attributes.resource or attributes.api_group):
-        return f"forbidden: {detail}"
-    qualified = qualified_resource(attributes.resource, attributes.api_group)
-    if attributes.name:
-        return f"{qualified} {go_quote(attributes.name)} is forbidden: {detail}"
-    return f"{qualified} is forbidden: {detail}"
+        return _forbidden_message(attributes.user, attributes.verb, path=attributes.path, reason=reason)
+    return _forbidden_message(
+        attributes.user,
+        attributes.verb,
+        resource=attributes.resource,
+        subresource=attributes.subresource,
+        api_group=attributes.api_group,
+        namespace=attributes.namespace,
+        name=attributes.name,
+        reason=reason,
+    )
 
 
 def forbidden_status(attributes: Attributes, reason: str = "") -> dict[str, Any]:
