@@ -15,8 +15,18 @@ Behind that sits enough API for real ``kubectl``: discovery (``/version``, ``/ap
 watch with ``resourceVersion`` and ``timeoutSeconds``), server-side printing as
 ``meta.k8s.io/v1`` ``Table`` (also inside watch events), ``pods/log`` (with
 ``follow``), and the review APIs (SelfSubjectAccessReview, SelfSubjectRulesReview,
-SelfSubjectReview, SubjectAccessReview, TokenReview).  exec / attach / port-forward are
-authorized but not served (the real "Upgrade request required" answer is given).
+SelfSubjectReview, SubjectAccessReview, TokenReview).
+
+``pods/exec``, ``pods/attach`` and ``pods/portforward`` are served for real kubectl,
+over WebSocket (``v5.channel.k8s.io`` and the older channel protocols;
+``SPDY/3.1+portforward.k8s.io``) and over SPDY/3.1 (`banyan_kproxy.testing.upgrades`).
+Each pod is a fake container (`banyan_kproxy.testing.containers`): an in-memory
+filesystem (`KubeAPIStandIn.pod_filesystem`; ``add_pod(files=...)``) and built-in
+commands (``cat``, ``echo``, ``sh -c``, ``tar`` for ``kubectl cp``, ``ls``, ...), never
+host processes.  ``add_pod(ports={80: 8080})`` makes a port-forward to the pod's port
+80 reach 127.0.0.1:8080.  Every upgraded session is recorded in
+`KubeAPIStandIn.sessions`.  A request without the upgrade headers gets the real
+"Upgrade request required" answer.
 
 Use it in memory (``StubTreq(standin.resource())``), on loopback (`listen`), or as a
 process: ``python -m banyan_kproxy.testing.kubeapi --help``.
@@ -41,7 +51,7 @@ from typing import Any
 
 from attr import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import IResource, Resource
@@ -49,6 +59,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from banyan_kproxy.config import Address
 from banyan_kproxy.status import status as _status
+from banyan_kproxy.testing.containers import Container, PodFilesystem
 from banyan_kproxy.testing.rbac import (
     ANONYMOUS,
     AUTHENTICATED,
@@ -58,6 +69,29 @@ from banyan_kproxy.testing.rbac import (
     forbidden_status,
     go_quote,
     with_details,
+)
+from banyan_kproxy.testing.upgrades import (
+    PORTFORWARD_PROTOCOL,
+    SPDY_EXEC_PROTOCOLS,
+    TUNNELED_PORTFORWARD_PROTOCOL,
+    WEBSOCKET_EXEC_PROTOCOLS,
+    ExecOptions,
+    Flow,
+    PortForward,
+    SpdyRemoteCommand,
+    StreamSession,
+    WebSocketRemoteCommand,
+    WebSocketSpdyTunnel,
+    negotiate,
+    response_head,
+    spdy_protocol,
+    take_over,
+)
+from banyan_kproxy.testing.websocket import (
+    HandshakeError,
+    WebSocketProtocol,
+    handshake_response,
+    split_header_list,
 )
 from banyan_kproxy.tls import ServerTLS, TLSConfigError, listen_tcp, listen_tls
 
@@ -784,6 +818,18 @@ class _Event:
     obj: dict[str, Any]
 
 
+@define(eq=False)
+class _PodRuntime:
+    """
+    What runs in a pod: its containers (sharing one filesystem) and where its ports
+    forward to.
+    """
+
+    filesystem: PodFilesystem
+    containers: dict[str, Container]
+    ports: dict[int, tuple[str, int]] = field(factory=dict)
+
+
 class KubeAPIStandIn:
     """
     An in-process kube-apiserver double: authentication, impersonation, RBAC, and the
@@ -796,7 +842,9 @@ class KubeAPIStandIn:
     listener verifies client certificates against a CA (a `ServerTLS` with
     ``client_ca_file``; ``require_client_certificate=False`` keeps tokens usable).
     ``anonymous`` serves requests without credentials as ``system:anonymous``, as a
-    default kube-apiserver does; without it they get 401.
+    default kube-apiserver does; without it they get 401.  ``reactor`` makes the
+    loopback connections of port-forwards (default: ``clock`` when it can, else the
+    global reactor).
     """
 
     def __init__(
@@ -810,6 +858,7 @@ class KubeAPIStandIn:
         git_version: str = "v1.31.0",
         namespaces: Iterable[str] = DEFAULT_NAMESPACES,
         history: int = 10000,
+        reactor: Any = None,
     ) -> None:
         """
         A stand-in with the given credentials and policy and no pods or services.
@@ -829,6 +878,11 @@ class KubeAPIStandIn:
         self._streams: list[_Stream] = []
         self._logs: dict[tuple[str, str], list[str]] = {}
         self._ips = itertools.count(10)
+        self._reactor = reactor
+        self._runtimes: dict[tuple[str, str], _PodRuntime] = {}
+        self._forwards: list[PortForward] = []
+        #: Every exec, attach and port-forward session served, in order.
+        self.sessions: list[StreamSession] = []
         for namespace in namespaces:
             self.add_namespace(namespace)
 
@@ -902,6 +956,9 @@ class KubeAPIStandIn:
         containers: Sequence[str] | None = None,
         node: str = "node-1",
         logs: str = "",
+        ports: Mapping[int, int | tuple[str, int]] | None = None,
+        files: Mapping[str, bytes | str] | None = None,
+        attach_banner: bytes | str = b"",
         **fields: Any,
     ) -> dict[str, Any]:
         """
@@ -910,7 +967,11 @@ class KubeAPIStandIn:
 
         The pod has one container per name in ``containers`` (default: one named like
         the pod), all ready when ``phase`` is Running; ``logs`` is its log text so far.
-        Other keyword arguments are merged into the object (``spec={...}``).
+        ``files`` seeds its filesystem (``{"/srv/index.html": "..."}``), which its
+        containers share; ``attach_banner`` is what ``kubectl attach`` shows first;
+        ``ports`` maps pod ports to where a port-forward connects (``{80: 8080}`` is
+        127.0.0.1:8080, or give ``(host, port)``).  Other keyword arguments are merged
+        into the object (``spec={...}``).
         """
         names = list(containers) if containers else [name]
         running = phase == "Running"
@@ -945,7 +1006,80 @@ class KubeAPIStandIn:
             obj["metadata"]["labels"] = dict(labels)
         stored = self._add_local("pods", namespace, _merge(obj, fields))
         self._logs[(namespace, name)] = [logs] if logs else []
+        runtime = self._runtime(namespace, name)
+        for path, data in (files or {}).items():
+            runtime.filesystem.write(path, data)
+        banner = attach_banner.encode("utf-8") if isinstance(attach_banner, str) else attach_banner
+        for container in runtime.containers.values():
+            container.attach_banner = banner
+        for port, target in (ports or {}).items():
+            self.set_pod_port(name, port, target, namespace)
         return stored
+
+    def pod_filesystem(self, name: str, namespace: str = "default") -> PodFilesystem:
+        """
+        The in-memory filesystem of a pod's containers (what ``kubectl cp`` reads and
+        writes); `KeyError` if there is no such pod.
+        """
+        return self._pod_runtime(namespace, name).filesystem
+
+    def container(self, pod: str, container: str | None = None,
+                  namespace: str = "default") -> Container:
+        """
+        One of a pod's fake containers (the first without ``container``), to inspect
+        or to add commands to (``.commands["date"] = ...``).
+        """
+        runtime = self._pod_runtime(namespace, pod)
+        if container is None:
+            return next(iter(runtime.containers.values()))
+        return runtime.containers[container]
+
+    def set_pod_port(self, name: str, port: int, target: int | tuple[str, int],
+                     namespace: str = "default") -> None:
+        """
+        Make a port-forward to the pod's ``port`` connect to ``target`` (a loopback
+        port number, or ``(host, port)``).
+        """
+        where = ("127.0.0.1", target) if isinstance(target, int) else tuple(target)
+        self._pod_runtime(namespace, name).ports[int(port)] = (str(where[0]), int(where[1]))
+
+    def close_streams(self) -> Deferred[None]:
+        """
+        Cut the loopback connections of every port-forward; fires once they closed.
+        """
+        waits = []
+        for forward in self._forwards:
+            forward.connection_lost()
+            waits.append(forward.when_locals_closed())
+        self._forwards = []
+        return gatherResults(waits).addCallback(lambda _: None)
+
+    def _runtime(self, namespace: str, name: str) -> _PodRuntime:
+        runtime = self._runtimes.get((namespace, name))
+        if runtime is None:
+            pod = self._objects["pods"].get((namespace, name)) or {}
+            names = [c.get("name", name) for c in (pod.get("spec") or {}).get("containers") or []]
+            filesystem = PodFilesystem(hostname=name, clock=self.clock.seconds)
+            runtime = _PodRuntime(filesystem, {
+                c: Container(c, filesystem, hostname=name) for c in names or [name]
+            })
+            self._runtimes[(namespace, name)] = runtime
+        return runtime
+
+    def _pod_runtime(self, namespace: str, name: str) -> _PodRuntime:
+        if (namespace, name) not in self._objects["pods"]:
+            raise KeyError(f"no pod {namespace}/{name}")
+        return self._runtime(namespace, name)
+
+    @property
+    def _tcp(self) -> Any:
+        if self._reactor is not None:
+            return self._reactor
+        if IReactorTCP.providedBy(self.clock):
+            return self.clock
+        from twisted.internet import reactor
+
+        return reactor
 
     def add_service(
         self,
@@ -1059,6 +1193,7 @@ class KubeAPIStandIn:
         self._notify(_Event(rv, "DELETED", resource, copy.deepcopy(obj)))
         if resource == "pods":
             self._logs.pop((namespace, name), None)
+            self._runtimes.pop((namespace, name), None)
             for stream in list(self._streams):
                 if stream.pod == (namespace, name):
                     self._end_stream(stream)
@@ -1415,8 +1550,8 @@ class KubeAPIStandIn:
             if kind.resource == "pods" and info.subresource == "log" and info.verb == "get":
                 return self._pod_log(call, namespace, info.name)
             if kind.resource == "pods" and info.subresource in ("exec", "attach", "portforward"):
-                self._get(kind, namespace, info.name)
-                raise _StatusError(400, "Upgrade request required", "BadRequest")
+                pod = self._get(kind, namespace, info.name)
+                return self._upgrade(call, info, namespace, pod)
             raise _no_such_resource()
         if kind.namespaced and len(info.parts) >= 2 and not info.namespace:
             # /api/v1/pods/NAME: named objects live under their namespace.
@@ -1733,6 +1868,142 @@ class KubeAPIStandIn:
             call.request.write(text.encode("utf-8"))
         return NOT_DONE_YET
 
+    # -- exec, attach and port-forward ---------------------------------------------------
+
+    def _exec_options(self, call: _Call, subresource: str, pod: dict[str, Any]) -> ExecOptions:
+        """
+        The ``PodExecOptions`` / ``PodAttachOptions`` of a request, validated.
+        """
+        name = _meta(pod).get("name", "")
+        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+        container = call.arg("container")
+        if not container:
+            if len(containers) != 1:
+                raise _StatusError(
+                    400,
+                    f"a container name must be specified for pod {name}, choose one of:"
+                    f" [{' '.join(containers)}]",
+                    "BadRequest",
+                )
+            container = containers[0]
+        elif container not in containers:
+            raise _StatusError(400, f"container {container} is not valid for pod {name}",
+                               "BadRequest")
+        if (pod.get("status") or {}).get("phase") != "Running":
+            raise _StatusError(400, f'container not found ("{container}")', "BadRequest")
+        flags = {key: _query_bool(call.args.get(key, ())) for key in
+                 ("stdin", "stdout", "stderr", "tty")}
+        argv = tuple(call.args.get("command", ()))
+        if subresource == "exec" and not argv:
+            raise _StatusError(400, "you must specify at least 1 command", "BadRequest")
+        if not (flags["stdin"] or flags["stdout"] or flags["stderr"]):
+            raise _StatusError(
+                400, "you must specify at least one of stdin, stdout, stderr", "BadRequest"
+            )
+        return ExecOptions(subresource, container, argv, **flags)
+
+    def _upgrade(self, call: _Call, info: RequestInfo, namespace: str,
+                 pod: dict[str, Any]) -> bytes | int:
+        """
+        Serve exec, attach or port-forward: negotiate WebSocket or SPDY/3.1, answer 101
+        and hand the connection to the session.
+        """
+        connection = [v.lower() for v in split_header_list(call.header("Connection"))]
+        upgrade = [v.lower() for v in split_header_list(call.header("Upgrade"))]
+        if "upgrade" not in connection or not upgrade or upgrade[0] not in ("websocket", "spdy/3.1"):
+            raise _StatusError(400, "Upgrade request required", "BadRequest")
+        name = info.name
+        options = None if info.subresource == "portforward" else self._exec_options(
+            call, info.subresource, pod
+        )
+        runtime = self._runtime(namespace, name)
+        user = call.user.name if call.user is not None else None
+
+        def target(port: int) -> tuple[str, int] | None:
+            return runtime.ports.get(port)
+
+        protocol: Any
+        flow = Flow()
+        if upgrade[0] == "websocket":
+            offered = [
+                p for p in split_header_list(call.header("Sec-WebSocket-Protocol"))
+                if not p.startswith(_WEBSOCKET_TOKEN_PREFIX)
+            ]
+            supported: Sequence[str] = (
+                (TUNNELED_PORTFORWARD_PROTOCOL,) if options is None
+                else tuple(WEBSOCKET_EXEC_PROTOCOLS)
+            )
+            chosen = negotiate(offered, supported)
+            if chosen is None and (offered or options is None):
+                raise _StatusError(
+                    400,
+                    f"unable to upgrade: unable to negotiate protocol: client supports"
+                    f" [{' '.join(offered)}], server supports [{' '.join(supported)}]",
+                    "BadRequest",
+                )
+            try:
+                headers = handshake_response(call.method, call.header, lambda _offered: chosen)
+            except HandshakeError as e:
+                raise _StatusError(400, f"unable to upgrade: {e}", "BadRequest")
+            if options is None:
+                record = StreamSession(namespace, name, "portforward", "websocket+spdy",
+                                       TUNNELED_PORTFORWARD_PROTOCOL, user)
+                forward = PortForward(record, target, self._tcp, flow)
+                self._forwards.append(forward)
+                handler: Any = WebSocketSpdyTunnel(forward)
+            else:
+                record = StreamSession(namespace, name, options.subresource, "websocket",
+                                       chosen or "channel.k8s.io", user, options.container,
+                                       options.argv, options.tty)
+                handler = WebSocketRemoteCommand(
+                    chosen or "channel.k8s.io", options, runtime.containers[options.container],
+                    record,
+                )
+            protocol = WebSocketProtocol(handler, self.clock)
+        else:
+            offered = split_header_list(call.header("X-Stream-Protocol-Version"))
+            supported = (PORTFORWARD_PROTOCOL,) if options is None else SPDY_EXEC_PROTOCOLS
+            if not offered:
+                return self._respond(
+                    call, 400, b"unable to upgrade: X-Stream-Protocol-Version is required\n",
+                    b"text/plain; charset=utf-8",
+                )
+            chosen = negotiate(offered, supported)
+            if chosen is None:
+                for accepted in supported:
+                    call.request.responseHeaders.addRawHeader(
+                        b"X-Accepted-Stream-Protocol-Versions", accepted.encode("ascii")
+                    )
+                return self._respond(
+                    call, 403,
+                    (f"unable to upgrade: unable to negotiate protocol: client supports"
+                     f" [{' '.join(offered)}], server accepts [{' '.join(supported)}]\n"
+                     ).encode(),
+                    b"text/plain; charset=utf-8",
+                )
+            headers = [
+                ("Connection", "Upgrade"),
+                ("Upgrade", "SPDY/3.1"),
+                ("X-Stream-Protocol-Version", chosen),
+            ]
+            if options is None:
+                record = StreamSession(namespace, name, "portforward", "spdy", chosen, user)
+                forward = PortForward(record, target, self._tcp, flow)
+                self._forwards.append(forward)
+                protocol = spdy_protocol(forward)
+            else:
+                record = StreamSession(namespace, name, options.subresource, "spdy", chosen,
+                                       user, options.container, options.argv, options.tty)
+                protocol = spdy_protocol(SpdyRemoteCommand(
+                    chosen, options, runtime.containers[options.container], record, self.clock
+                ))
+        audit_id = (call.request.responseHeaders.getRawHeaders(b"Audit-Id") or [b""])[0]
+        headers.append(("Audit-Id", audit_id.decode("latin-1")))
+        self._record(call, 101)
+        self.sessions.append(record)
+        take_over(call.request, protocol, response_head(headers), self.clock, flow)
+        return NOT_DONE_YET
+
     # -- review APIs -------------------------------------------------------------------
 
     def _review(self, call: _Call, info: RequestInfo) -> bytes:
@@ -1925,7 +2196,8 @@ class Listening:
 
     def stop(self) -> Deferred[None]:
         """
-        End the watches, stop listening, abort open connections and wait for them.
+        End the watches, stop listening, abort open connections (and the loopback
+        connections of port-forwards) and wait for them.
         """
         self.standin.close_watches()
         stopped = self.port.stopListening()
@@ -1933,7 +2205,7 @@ class Listening:
             protocol.transport.abortConnection()
         return gatherResults(
             [maybeDeferred(lambda: stopped), self._factory.when_idle()]
-        ).addCallback(lambda _: None)
+        ).addCallback(lambda _: self.standin.close_streams())
 
 
 def listen(
@@ -2015,6 +2287,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="RBAC YAML to load (repeatable)")
     parser.add_argument("--pod", action="append", default=[], metavar="[NS/]NAME",
                         help="a running pod to start with (repeatable)")
+    parser.add_argument(
+        "--pod-port", action="append", default=[], metavar="[NS/]POD:PORT=LOCAL_PORT",
+        help="make a port-forward to the pod's PORT reach 127.0.0.1:LOCAL_PORT (repeatable)",
+    )
     parser.add_argument("--service", action="append", default=[], metavar="[NS/]NAME",
                         help="a ClusterIP service to start with (repeatable)")
     parser.add_argument("--anonymous", action="store_true",
@@ -2064,6 +2340,16 @@ def _build(args: argparse.Namespace, reactor: Any) -> tuple[KubeAPIStandIn, Serv
         for spec in args.pod:
             namespace, name = _split_object(spec)
             standin.add_pod(name, namespace, logs=f"{name} started\n")
+        for spec in args.pod_port:
+            pod_spec, _, mapping = spec.rpartition(":")
+            port, sep, local_port = mapping.partition("=")
+            if not pod_spec or not sep or not port.isdigit() or not local_port.isdigit():
+                raise ValueError(f"--pod-port wants [NS/]POD:PORT=LOCAL_PORT, got {spec!r}")
+            namespace, name = _split_object(pod_spec)
+            try:
+                standin.set_pod_port(name, int(port), int(local_port), namespace)
+            except KeyError:
+                raise ValueError(f"--pod-port names {namespace}/{name}, which no --pod made")
         for spec in args.service:
             namespace, name = _split_object(spec)
             standin.add_service(name, namespace)
