@@ -39,6 +39,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    from banyan_kproxy.audit import AuditConfigError
     from banyan_kproxy.health import Metrics
     from banyan_kproxy.proxy.service import add_proxy_role
     from banyan_kproxy.proxy.upstream import CredentialError
@@ -55,4 +56,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             add_proxy_role(parent, config, reactor, metrics)
     except (TLSConfigError, CredentialError) as e:
         raise fail_startup(f"{config.path}: {e}", code=2)
+    except AuditConfigError as e:
+        raise fail_startup(str(e), code=2)
     return parent

@@ -216,9 +216,15 @@ class RunningDaemonTests(TestCase):
         async def run() -> None:
             await self.stack.start(wait_ready=False)
             self.assertEqual(await self.get("/live"), (200, "ok\n"))
-            code, body = await self.get("/ready")
-            self.assertEqual(code, 503)
-            self.assertIn("oidc: signing keys not loaded", body)
+            # Until the first discovery attempt has failed there is no reason yet.
+            deadline = reactor.seconds() + 15
+            while True:
+                code, body = await self.get("/ready")
+                self.assertEqual(code, 503)
+                self.assertIn("oidc: signing keys not loaded", body)
+                if "503" in body or reactor.seconds() > deadline:
+                    break
+                await deferLater(reactor, 0.1, lambda: None)
             self.assertIn("503", body)
             self.stack.issuer.discovery_status = 200
             await self.stack.wait_ready(20)
@@ -306,10 +312,8 @@ class RunningDaemonTests(TestCase):
             kubeconfig = self.stack.write_kubeconfig(
                 "kubeconfig", {"reader": self.stack.token("myuser@example.com", [READER_ROLE])}
             )
-            # The stand-in is the last listener the stack opened before the daemon.
-            standin_port = self.stack._ports[-1]
-            await standin_port.stopListening()
-            self.stack._ports.remove(standin_port)
+            listening, self.stack.standin_listening = self.stack.standin_listening, None
+            await listening.stop()
             home = os.path.abspath(self.mktemp())
             os.makedirs(home)
             out, err, code = await getProcessOutputAndValue(

@@ -20,7 +20,6 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
@@ -30,6 +29,7 @@ from twisted.web.static import Data
 
 from banyan_kproxy.testing.certs import CertificateAuthority
 from banyan_kproxy.testing.containers import ExitStatus
+from banyan_kproxy.testing.loopback import TrackingFactory
 from banyan_kproxy.testing.kubeapi import KubeAPIStandIn, UserInfo, listen
 from banyan_kproxy.testing.spdy import (
     DataFrame,
@@ -101,7 +101,7 @@ class _Conversation:
 
     def __init__(self, standin: KubeAPIStandIn, clock: Clock) -> None:
         self.clock = clock
-        self.site = Site(standin.resource())
+        self.site = Site(standin.resource(), reactor=clock)
         self.channel = self.site.buildProtocol(None)
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)
@@ -731,30 +731,6 @@ class _Kubectl(ProcessProtocol):
         self.ended.callback(code if code is not None else -1)
 
 
-class _TrackingFactory(WrappingFactory):
-    """
-    Tells when all the connections of a test server have closed.
-    """
-
-    def __init__(self, wrapped: Any) -> None:
-        super().__init__(wrapped)
-        self.idle: list[Deferred[None]] = []
-
-    def unregisterProtocol(self, p: Any) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiters, self.idle = self.idle, []
-            for d in waiters:
-                d.callback(None)
-
-    def when_idle(self) -> Deferred[None]:
-        if not self.protocols:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self.idle.append(d)
-        return d
-
-
 class _KubectlTestCase(TestCase):
     """
     The stand-in over TLS on 127.0.0.1, a tiny web server as the pod's port 80, and
@@ -776,7 +752,7 @@ class _KubectlTestCase(TestCase):
         self.ca_data = base64.b64encode(ca.cert_pem).decode()
         root = Resource()
         root.putChild(b"", Data(self.PAGE, "text/html"))
-        self.web = _TrackingFactory(Site(root))
+        self.web = TrackingFactory(Site(root))
         web_port = self.reactor.listenTCP(0, self.web, interface="127.0.0.1")
         self.addCleanup(lambda: web_port.stopListening().addCallback(lambda _: self.web.when_idle()))
         self.standin = KubeAPIStandIn(tokens=TOKENS, rbac_yaml=[READER_RBAC], clock=self.reactor)

@@ -111,7 +111,8 @@ class ProxyHarness:
     A proxy resource behind a real HTTPChannel, with its fakes.
     """
 
-    def __init__(self, case: SynchronousTestCase, impersonation: ImpersonationConfig | None = None) -> None:
+    def __init__(self, case: SynchronousTestCase, impersonation: ImpersonationConfig | None = None,
+                 policy: str | None = None) -> None:
         self.clock = Clock()
         self.agent = RecordingAgent()
         token_path = case.mktemp()
@@ -125,6 +126,16 @@ class ProxyHarness:
         self.metrics = Metrics()
         self.steps: list[Any] = []
         cooperator = Cooperator(scheduler=lambda f: self.steps.append(f) or object(), started=True)
+        from banyan_kproxy.audit import Auditor
+        from banyan_kproxy.audit.metrics import AuditMetrics
+        from banyan_kproxy.audit.policy import DEFAULT_POLICY, parse_policy
+
+        self.events: list[dict[str, Any]] = []
+        auditor = Auditor(
+            parse_policy(policy, "test-policy.yaml") if policy else DEFAULT_POLICY,
+            self.events.append,
+            AuditMetrics.create(self.metrics),
+        )
         self.resource = KubeProxyResource(
             verifier=FakeVerifier(),
             upstream=self.upstream,
@@ -132,6 +143,7 @@ class ProxyHarness:
             metrics=ProxyMetrics.create(self.metrics),
             clock=self.clock,
             cooperator=cooperator,
+            auditor=auditor,
         )
         self.site = Site(self.resource, reactor=self.clock)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 50000))
@@ -487,3 +499,80 @@ class RefusalTests(SynchronousTestCase):
         h = ProxyHarness(self)
         h.send(path="https://evil.example.com/api")
         self.assertStatus(h, 400, "BadRequest", "the request target must be a path")
+
+
+class AuditTests(SynchronousTestCase):
+    """
+    Every request becomes audit events joined to the apiserver's by Audit-ID.
+    """
+
+    def test_forwarded_request(self) -> None:
+        """
+        A forwarded GET gives a ResponseComplete event (the default policy omits
+        RequestReceived) with the Kubernetes verb, objectRef, verified user, source IP
+        and the Audit-ID that went upstream.
+        """
+        h = ProxyHarness(self)
+        h.send(path="/api/v1/namespaces/default/pods/web-1", headers=[("User-Agent", "kubectl/v1.33.0")])
+        response = FakeResponse(200, length=2)
+        h.agent.requests[0]["d"].callback(response)
+        response.send(b"{}")
+        response.end()
+        audit_id = sent_headers(h.agent.requests[0])["audit-id"][0]
+        self.assertEqual([e["stage"] for e in h.events], ["ResponseComplete"])
+        event = h.events[-1]
+        self.assertEqual(event["auditID"], audit_id)
+        self.assertEqual(event["verb"], "get")
+        self.assertEqual(event["objectRef"], {"resource": "pods", "namespace": "default",
+                                              "name": "web-1", "apiVersion": "v1"})
+        self.assertEqual(event["user"]["username"], "banyan:myuser@example.com")
+        self.assertEqual(event["sourceIPs"], ["192.0.2.7"])
+        self.assertEqual(event["userAgent"], "kubectl/v1.33.0")
+        self.assertEqual(event["responseStatus"]["code"], 200)
+
+    def test_watch_response_started(self) -> None:
+        """
+        A watch also gets a ResponseStarted event when its headers go out.
+        """
+        h = ProxyHarness(self)
+        h.send(path="/api/v1/namespaces/default/pods?watch=1")
+        response = FakeResponse(200)
+        h.agent.requests[0]["d"].callback(response)
+        self.assertEqual([e["stage"] for e in h.events], ["ResponseStarted"])
+        self.assertEqual(h.events[-1]["verb"], "watch")
+        response.end()
+        self.assertEqual(h.events[-1]["stage"], "ResponseComplete")
+
+    def test_refused_requests(self) -> None:
+        """
+        Requests the proxy refuses itself are audited too: a 401 without a user, a
+        403 for client impersonation with the verified user and the reason.
+        """
+        h = ProxyHarness(self)
+        h.send(token="bad")
+        complete = [e for e in h.events if e["stage"] == "ResponseComplete"]
+        self.assertEqual(complete[-1]["responseStatus"]["code"], 401)
+        h = ProxyHarness(self)
+        h.send(headers=[("Impersonate-User", "admin")])
+        complete = [e for e in h.events if e["stage"] == "ResponseComplete"]
+        self.assertEqual(complete[-1]["responseStatus"]["code"], 403)
+        self.assertEqual(complete[-1]["user"]["username"], "banyan:myuser@example.com")
+        self.assertIn("cannot impersonate through this proxy", complete[-1]["responseStatus"]["message"])
+
+    def test_request_response_bodies(self) -> None:
+        """
+        At RequestResponse the request and response bodies are recorded.
+        """
+        h = ProxyHarness(self, policy=(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: RequestResponse\n"
+        ))
+        h.send(method="POST", path="/api/v1/namespaces/default/pods", body=b'{"kind":"Pod"}',
+               headers=[("Content-Type", "application/json")])
+        response = FakeResponse(201, length=15)
+        h.agent.requests[0]["d"].callback(response)
+        response.send(b'{"kind":"Pod"}\n')
+        response.end()
+        event = h.events[-1]
+        self.assertEqual(event["verb"], "create")
+        self.assertEqual(event["requestObject"], b'{"kind":"Pod"}')
+        self.assertEqual(event["responseObject"], b'{"kind":"Pod"}\n')

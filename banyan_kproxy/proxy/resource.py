@@ -28,6 +28,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from banyan_kproxy.audit import NullAuditor
 from banyan_kproxy.config import ImpersonationConfig
 from banyan_kproxy.health import Metrics
 from banyan_kproxy.identity import Identity, TokenRejected
@@ -44,6 +45,9 @@ from banyan_kproxy.proxy.upgrade import (
 from banyan_kproxy.proxy.upstream import CredentialError, Upstream
 from banyan_kproxy.tunnel import Splice, SpliceEnd
 from banyan_kproxy.status import status_body
+
+#: How much of an error response is kept for the audit record's responseStatus.
+_STATUS_KEEP = 16 * 1024
 
 #: Statuses whose responses never carry a body.
 _NO_BODY = {204, 304}
@@ -136,16 +140,21 @@ class _BodyRelay(Protocol):
     buffer is full (``twisted/protocols/portforward.py`` discipline).
     """
 
-    def __init__(self, request: Request, finished: Deferred[None]) -> None:
+    def __init__(self, request: Request, finished: Deferred[None], keep: int = 0) -> None:
         self.request = request
         self.finished = finished
         self.client_gone = False
         self.reason: Failure | None = None
+        # The first ``keep`` bytes of the body are kept (for the audit record).
+        self.keep = keep
+        self.kept = bytearray()
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
+        if len(self.kept) < self.keep:
+            self.kept += data[: self.keep - len(self.kept)]
         if not self.client_gone:
             self.request.write(data)
 
@@ -180,6 +189,8 @@ class _Call:
     passthrough: bool = False
     identity: Identity | None = None
     impersonated: Identity | None = None
+    # The request's audit trail, begun once the identity is known (or refused).
+    record: Any = None
 
 
 @attr.s(auto_attribs=True)
@@ -199,6 +210,8 @@ class KubeProxyResource(Resource):
     reviewer: Any = None
     # SubjectAccessReview for kubectl --as ([impersonation] allow_client_impersonation).
     authorizer: Any = None
+    # Audit events ([audit]); the null auditor records nothing.
+    auditor: Any = attr.Factory(NullAuditor)
     isLeaf = True
     log = Logger()
 
@@ -235,13 +248,16 @@ class KubeProxyResource(Resource):
         started: float,
         reason: str | None = None,
         details: dict[str, Any] | None = None,
+        call: _Call | None = None,
     ) -> None:
         """
-        Answer with a Kubernetes ``Status`` body.
+        Answer with a Kubernetes ``Status`` body (and complete the audit record).
         """
+        body = status_body(code, message, reason, details)
+        if call is not None:
+            self._record(call).response_complete(code, self.clock.seconds(), body, message)
         if request.finished or request._disconnected:
             return
-        body = status_body(code, message, reason, details)
         request.setResponseCode(code)
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
@@ -253,6 +269,25 @@ class KubeProxyResource(Resource):
         if request.method != b"HEAD":
             request.write(body)
         request.finish()
+
+    def _record(self, call: _Call) -> Any:
+        """
+        The call's audit record, begun now if it was not yet.
+        """
+        if call.record is None:
+            request = call.request
+            agent = request.requestHeaders.getRawHeaders(b"user-agent", [None])[0]
+            call.record = self.auditor.begin(
+                audit_id=call.audit_id,
+                method=request.method.decode("ascii", "replace"),
+                uri=request.uri.decode("ascii", "replace"),
+                source_ips=[call.peer] if call.peer else [],
+                user_agent=agent.decode("utf-8", "replace") if agent else None,
+                received_at=call.started,
+                user=call.identity,
+                impersonated_user=call.impersonated,
+            )
+        return call.record
 
     def _count(self, request: Request, code: int, started: float) -> None:
         self.metrics.requests.labels(method=_method_label(request.method), code=str(code)).inc()
@@ -296,7 +331,7 @@ class KubeProxyResource(Resource):
         call = _Call(request, started, _peer_ip(request))
         call.websocket = is_websocket(request.requestHeaders)
         if not request.uri.startswith(b"/"):
-            self._error(request, 400, "the request target must be a path", started)
+            self._error(request, 400, "the request target must be a path", started, call=call)
             return
         result = await self._authenticate(call)
         if isinstance(result, TokenRejected):
@@ -309,7 +344,7 @@ class KubeProxyResource(Resource):
                 reason=result.reason,
                 detail=result.detail,
             )
-            self._error(request, 401, "Unauthorized", started)
+            self._error(request, 401, "Unauthorized", started, call=call)
             return
         self.metrics.verifications.labels(
             outcome="passthrough" if call.passthrough else "accepted", reason=""
@@ -317,6 +352,10 @@ class KubeProxyResource(Resource):
         call.identity = result
         if not await self._impersonation(call):
             return
+        record = self._record(call)
+        if record.wants_request_body and request.content is not None:
+            record.request_body(request.content.read())
+            request.content.seek(0)
         if call.passthrough:
             headers = policy.passthrough_request_headers(request.requestHeaders, call.peer)
         else:
@@ -364,6 +403,7 @@ class KubeProxyResource(Resource):
                 f'User "{user}" cannot impersonate through this proxy: '
                 f"{', '.join(asserted)} headers are not allowed",
                 call.started,
+                call=call,
             )
             return False
         from banyan_kproxy.identity.impersonation import (
@@ -386,15 +426,15 @@ class KubeProxyResource(Resource):
                 user=user,
                 why=e.message,
             )
-            self._error(request, 403, e.message, call.started, details=e.details or None)
+            self._error(request, 403, e.message, call.started, details=e.details or None, call=call)
             return False
         except ImpersonationUnavailable as e:
             self.metrics.upstream_errors.labels(kind="impersonation_review").inc()
             self.log.warn("Cannot check impersonation for {user}: {why}", user=user, why=e.message)
-            self._error(request, 503, e.message, call.started)
+            self._error(request, 503, e.message, call.started, call=call)
             return False
         except ImpersonationError as e:
-            self._error(request, e.code, e.message, call.started)
+            self._error(request, e.code, e.message, call.started, call=call)
             return False
         return True
 
@@ -423,7 +463,9 @@ class KubeProxyResource(Resource):
         except CredentialError as e:
             self.log.error("Cannot forward: {error}", error=str(e))
             self.metrics.upstream_errors.labels(kind="credential").inc()
-            self._error(request, 503, "the proxy cannot authenticate to the Kubernetes API", started)
+            self._error(
+                request, 503, "the proxy cannot authenticate to the Kubernetes API", started, call=call
+            )
             return
         pending.addTimeout(self.upstream.config.response_header_timeout, self.clock)
         client_gone = request.notifyFinish()
@@ -431,9 +473,9 @@ class KubeProxyResource(Resource):
         try:
             response: IResponse = await pending
         except Exception as e:  # noqa: BLE001 - every failure becomes a Status
-            self._upstream_failed(request, e, started)
+            self._upstream_failed(call, e)
             return
-        await self._relay(request, response, started)
+        await self._relay(call, response)
 
     async def _upgrade(self, call: _Call, headers: Headers) -> None:
         """
@@ -450,7 +492,9 @@ class KubeProxyResource(Resource):
         except CredentialError as e:
             self.log.error("Cannot forward: {error}", error=str(e))
             self.metrics.upstream_errors.labels(kind="credential").inc()
-            self._error(request, 503, "the proxy cannot authenticate to the Kubernetes API", started)
+            self._error(
+                request, 503, "the proxy cannot authenticate to the Kubernetes API", started, call=call
+            )
             return
         headers.setRawHeaders(b"Audit-ID", [call.audit_id.encode("ascii")])
         head = request_head(request.method, request.uri, self.upstream.host_header, headers, len(body))
@@ -471,7 +515,7 @@ class KubeProxyResource(Resource):
                 upstream.transport.abortConnection()
             request.channel and request.channel.transport and request.channel.transport.resumeProducing()
             self.metrics.tunnels.labels(outcome="failed").inc()
-            self._upstream_failed(request, e, started)
+            self._upstream_failed(call, e)
             return
         if request._disconnected:
             upstream.transport.abortConnection()
@@ -483,6 +527,8 @@ class KubeProxyResource(Resource):
             return
         self.metrics.tunnels.labels(outcome="upgraded").inc()
         self._count(request, 101, started)
+        record = self._record(call)
+        record.response_started(101, self.clock.seconds())
         client = SpliceEnd("client")
         early = take_over(request, client)
         client.transport.write(raw_head)
@@ -492,6 +538,7 @@ class KubeProxyResource(Resource):
         opened = self.clock.seconds()
 
         def closed(splice: Splice) -> None:
+            record.response_complete(101, self.clock.seconds())
             self.metrics.open_tunnels.dec()
             sent, received = splice.left.received, splice.right.received
             self.metrics.tunnel_bytes.labels(direction="client_to_upstream").inc(sent + len(early))
@@ -526,7 +573,15 @@ class KubeProxyResource(Resource):
         if length:
             request.responseHeaders.setRawHeaders(b"content-length", [length[0]])
         self._count(request, code, call.started)
-        reader = BodyReader(headers, request.write)
+        record = self._record(call)
+        kept = bytearray()
+
+        def deliver(data: bytes) -> None:
+            if len(kept) < _STATUS_KEEP:
+                kept.extend(data[: _STATUS_KEEP - len(kept)])
+            request.write(data)
+
+        reader = BodyReader(headers, deliver)
         early = upstream.take_pending()
         upstream_transport = upstream.transport
         # The raw connection now feeds the body reader.
@@ -538,15 +593,19 @@ class KubeProxyResource(Resource):
             await reader.done
         except Exception:  # noqa: BLE001 - a broken body aborts the client
             _abort(request)
+            record.response_complete(code, self.clock.seconds(), None, "upstream answer broke off")
             return
         finally:
             upstream_transport.loseConnection()
+        record.response_complete(code, self.clock.seconds(), bytes(kept))
         if not request.finished and not request._disconnected:
             request.finish()
 
-    def _upstream_failed(self, request: Request, error: Exception, started: float) -> None:
+    def _upstream_failed(self, call: _Call, error: Exception) -> None:
+        request, started = call.request, call.started
         if request._disconnected:
             self.metrics.upstream_errors.labels(kind="client_gone").inc()
+            self._record(call).response_complete(499, self.clock.seconds(), None, "client went away")
             return
         if isinstance(error, TimeoutError | CancelledError):
             kind, code, message = (
@@ -567,11 +626,14 @@ class KubeProxyResource(Resource):
             kind=kind,
             error=_describe(error),
         )
-        self._error(request, code, message, started)
+        self._error(request, code, message, started, call=call)
 
-    async def _relay(self, request: Request, response: IResponse, started: float) -> None:
+    async def _relay(self, call: _Call, response: IResponse) -> None:
+        request, started = call.request, call.started
+        record = self._record(call)
         if request._disconnected:
             response.deliverBody(_Discard())
+            record.response_complete(499, self.clock.seconds(), None, "client went away")
             return
         request.setResponseCode(response.code, response.phrase)
         for name, values in policy.downstream_response_headers(response.headers).getAllRawHeaders():
@@ -582,13 +644,23 @@ class KubeProxyResource(Resource):
             # gets the same framing rather than chunked re-encoding (DESIGN §7).
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
         self._count(request, response.code, started)
+        record.response_started(response.code, self.clock.seconds())
         if no_body:
             response.deliverBody(_Discard())
             request.finish()
+            record.response_complete(response.code, self.clock.seconds())
             return
         streaming = response.length is UNKNOWN_LENGTH
         finished: Deferred[None] = Deferred()
-        relay = _BodyRelay(request, finished)
+        # The audit record wants the body at RequestResponse; an error's small
+        # Status body is kept for every level (it goes into responseStatus).
+        if record.wants_response_body:
+            keep = record.body_limit + 1
+        elif response.code >= 400:
+            keep = _STATUS_KEEP
+        else:
+            keep = 0
+        relay = _BodyRelay(request, finished, keep)
         client_gone = request.notifyFinish()
         client_gone.addErrback(lambda _: relay.stop())
         if streaming:
@@ -600,6 +672,7 @@ class KubeProxyResource(Resource):
             if streaming:
                 self.metrics.open_streams.dec()
         if relay.client_gone or request._disconnected:
+            record.response_complete(response.code, self.clock.seconds(), None, "client went away")
             return
         reason = relay.reason
         assert reason is not None
@@ -607,7 +680,11 @@ class KubeProxyResource(Resource):
             reason.check(PotentialDataLoss) and response.length is UNKNOWN_LENGTH
         ):
             request.finish()
+            record.response_complete(
+                response.code, self.clock.seconds(), bytes(relay.kept) if keep else None
+            )
             return
+        record.response_complete(response.code, self.clock.seconds(), None, "upstream stream broke off")
         # Headers already went out: the only honest signal is an aborted stream.
         self.metrics.upstream_errors.labels(kind="broken_stream").inc()
         self.log.warn(

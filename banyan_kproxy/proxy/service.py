@@ -68,6 +68,9 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
         from banyan_kproxy.identity.impersonation import ImpersonationAuthorizer
 
         authorizer = ImpersonationAuthorizer(upstream, reactor)
+    from banyan_kproxy.audit.service import audit_services
+
+    auditor, audit_parts = audit_services(config, reactor, metrics)
     resource = KubeProxyResource(
         verifier=verifier,
         upstream=upstream,
@@ -76,6 +79,7 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
         clock=reactor,
         reviewer=reviewer,
         authorizer=authorizer,
+        auditor=auditor,
     )
     site = _QuietSite(resource)
     site.displayTracebacks = False
@@ -83,6 +87,9 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
     reloader = CertificateReloader(server_tls, reactor)
     reloader.setName("certificates")
     services: list[Any] = [
+        # Audit first: it recovers its spool before the listener starts, and it stops
+        # (with a final flush) after the listener has stopped taking requests.
+        *audit_parts,
         CallbackService("oidc", verifier.start, verifier.stop),
         reloader,
         ListeningService(

@@ -50,14 +50,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from attr import define, evolve, field, frozen
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from banyan_kproxy.config import Address
 from banyan_kproxy.status import status as _status
 from banyan_kproxy.testing.containers import Container, PodFilesystem
 from banyan_kproxy.testing.rbac import (
@@ -93,7 +91,8 @@ from banyan_kproxy.testing.websocket import (
     handshake_response,
     split_header_list,
 )
-from banyan_kproxy.tls import ServerTLS, TLSConfigError, listen_tcp, listen_tls
+from banyan_kproxy.testing.loopback import Served, serve
+from banyan_kproxy.tls import ServerTLS, TLSConfigError
 
 #: The identity of the proxy's own service account in the demo and the tests.
 PROXY_SERVICE_ACCOUNT = "system:serviceaccount:banyan-kproxy:banyan-kproxy"
@@ -2137,62 +2136,35 @@ class _KubeAPIResource(Resource):
 # -- listening on loopback -------------------------------------------------------------
 
 
-class _TrackingFactory(WrappingFactory):
-    """
-    A `WrappingFactory` that can tell when all its connections have gone.
-    """
-
-    def __init__(self, wrapped: Site) -> None:
-        super().__init__(wrapped)
-        self._idle: list[Deferred[None]] = []
-
-    def unregisterProtocol(self, p: Any) -> None:
-        """
-        Forget a closed connection; fire the waiters when none are left.
-        """
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiters, self._idle = self._idle, []
-            for d in waiters:
-                d.callback(None)
-
-    def when_idle(self) -> Deferred[None]:
-        """
-        A Deferred that fires once no connection is open.
-        """
-        if not self.protocols:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._idle.append(d)
-        return d
-
-
 @define
 class Listening:
     """
     A `KubeAPIStandIn` served on a port; `stop` closes it and every connection.
     """
 
-    port: IListeningPort
-    scheme: str
-    host: str
-    _factory: _TrackingFactory
+    served: Served
     standin: KubeAPIStandIn
+
+    @property
+    def port(self) -> IListeningPort:
+        """
+        The listening port.
+        """
+        return self.served.port
 
     @property
     def port_number(self) -> int:
         """
         The TCP port bound (useful after asking for port 0).
         """
-        return self.port.getHost().port
+        return self.served.port_number
 
     @property
     def url(self) -> str:
         """
         ``https://127.0.0.1:PORT`` (or ``http://``), brackets around IPv6 hosts.
         """
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port_number}"
+        return self.served.url
 
     def stop(self) -> Deferred[None]:
         """
@@ -2200,12 +2172,7 @@ class Listening:
         connections of port-forwards) and wait for them.
         """
         self.standin.close_watches()
-        stopped = self.port.stopListening()
-        for protocol in list(self._factory.protocols):
-            protocol.transport.abortConnection()
-        return gatherResults(
-            [maybeDeferred(lambda: stopped), self._factory.when_idle()]
-        ).addCallback(lambda _: self.standin.close_streams())
+        return self.served.stop().addCallback(lambda _: self.standin.close_streams())
 
 
 def listen(
@@ -2222,15 +2189,7 @@ def listen(
     certificates, as kube-apiserver has), plain HTTP otherwise.  A failed bind raises
     ``CannotListenError`` naming the address.
     """
-    factory = _TrackingFactory(Site(standin.resource()))
-    address = Address(host, port)
-    if tls is not None:
-        listening = listen_tls(reactor, address, factory, tls)
-        scheme = "https"
-    else:
-        listening = listen_tcp(reactor, address, factory)
-        scheme = "http"
-    return Listening(listening, scheme, host, factory, standin)
+    return Listening(serve(reactor, Site(standin.resource()), host=host, port=port, tls=tls), standin)
 
 
 # -- the command ---------------------------------------------------------------------

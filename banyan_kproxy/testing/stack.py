@@ -27,11 +27,11 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from banyan_kproxy.config import Address
 from banyan_kproxy.testing.certs import CertificateAuthority
 from banyan_kproxy.testing.issuer import OIDCIssuer
-from banyan_kproxy.testing.kubeapi import KubeAPIStandIn, UserInfo
-from banyan_kproxy.tls import ServerTLS, listen_tls
+from banyan_kproxy.testing.kubeapi import KubeAPIStandIn, UserInfo, listen
+from banyan_kproxy.testing.loopback import serve
+from banyan_kproxy.tls import ServerTLS
 
 #: The proxy's own identity at the stand-in (as in etc/banyan-kproxy/kubernetes-rbac.yaml).
 PROXY_SERVICE_ACCOUNT = UserInfo(
@@ -156,7 +156,9 @@ class LoopbackStack:
     proxy_port: int = 0
     health_port: int = 0
     ini_path: str = ""
-    _ports: list[Any] = attr.Factory(list)
+    # The issuer's and the stand-in's listeners (testing.loopback.Served / kubeapi.Listening).
+    issuer_listening: Any = None
+    standin_listening: Any = None
     _daemon: Any = None
     _process: Any = None
 
@@ -190,14 +192,10 @@ class LoopbackStack:
             f.write(data)
         return path
 
-    def _listen(self, resource: Any, name: str) -> int:
+    def _server_tls(self, name: str) -> ServerTLS:
         issued = self.ca.issue("127.0.0.1", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
         cert, key = issued.write(self.directory, name)
-        port = listen_tls(
-            self.reactor, Address("127.0.0.1", 0), Site(resource), ServerTLS.from_files(cert, key)
-        )
-        self._ports.append(port)
-        return port.getHost().port
+        return ServerTLS.from_files(cert, key)
 
     async def start(self, timeout: float = 30.0, wait_ready: bool = True) -> None:
         """
@@ -210,8 +208,10 @@ class LoopbackStack:
 
         self.issuer = OIDCIssuer("https://127.0.0.1/v2")
         self.issuer.discovery_status = self.issuer_status
-        issuer_port = self._listen(self.issuer.resource(), "issuer")
-        self.issuer.issuer_url = f"https://127.0.0.1:{issuer_port}/v2"
+        self.issuer_listening = serve(
+            self.reactor, Site(self.issuer.resource()), tls=self._server_tls("issuer")
+        )
+        self.issuer.issuer_url = self.issuer_listening.url + "/v2"
 
         if self.cluster is None:
             proxy_token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
@@ -220,9 +220,11 @@ class LoopbackStack:
                 rbac_yaml=[proxy_rbac_yaml(), seed_rbac_yaml(), *self.standin_rbac],
                 clock=self.reactor,
             )
-            standin_port = self._listen(self.standin.resource(), "kubeapi")
+            self.standin_listening = listen(
+                self.reactor, self.standin, tls=self._server_tls("kubeapi")
+            )
             cluster = ExternalCluster(
-                f"https://127.0.0.1:{standin_port}",
+                self.standin_listening.url,
                 self.ca_file,
                 token_file=self._write("proxy.token", proxy_token + "\n"),
             )
@@ -352,6 +354,29 @@ class LoopbackStack:
         }
         return self._write(name, yaml.safe_dump(config, sort_keys=False))
 
+    async def kill_daemon(self, timeout: float = 10.0) -> int | None:
+        """
+        SIGKILL the daemon (no orderly stop: what it held in memory is gone) and wait
+        at most ``timeout`` seconds for it to exit; the issuer and stand-in stay up.
+        """
+        if self._process is None or self._daemon.ended.called:
+            return None
+        _kill(self._process)
+        ended = self._daemon.ended
+        ended.addTimeout(timeout, self.reactor)
+        return await ended
+
+    async def restart_daemon(self, timeout: float = 30.0, wait_ready: bool = True) -> None:
+        """
+        Start the daemon again on the same configuration file (after `kill_daemon`);
+        ``proxy_port`` and ``health_port`` are those of the new process.
+        """
+        if self._daemon is not None and not self._daemon.ended.called:
+            raise RuntimeError("the daemon is still running")
+        await self._start_daemon(timeout)
+        if wait_ready:
+            await self.wait_ready(timeout)
+
     async def stop(self, timeout: float = 10.0) -> int | None:
         """
         Stop the daemon (SIGTERM, then SIGKILL after ``timeout``) and every listener.
@@ -369,10 +394,9 @@ class LoopbackStack:
                 killer.cancel()
         elif self._daemon is not None:
             code = self._daemon.ended.result
-        if self.standin is not None:
-            self.standin.close_watches()
-        await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self._ports])
-        self._ports.clear()
+        listeners = [self.standin_listening, self.issuer_listening]
+        self.standin_listening = self.issuer_listening = None
+        await defer.gatherResults([x.stop() for x in listeners if x is not None])
         return code
 
 
