@@ -162,6 +162,91 @@ class BanyanConfig:
 
 
 @frozen
+class GatewayService:
+    """
+    One registered service of the gateway: a domain the devices ask for, the
+    backend it is dialled at ("backend DNS override"), and optionally which client
+    identities may use it.
+    """
+
+    domain: str
+    port: int
+    backend: Address
+    # fnmatch patterns matched (case-insensitively) against the client
+    # certificate's subject CN and its DNS / email SANs; empty: every trusted client.
+    clients: tuple[str, ...] = ()
+
+
+@frozen
+class GatewayConfig:
+    """
+    ``[gateway]``: the edge access tier, an mTLS CONNECT terminator.
+    """
+
+    listen: Address
+    tls_cert_file: str
+    tls_key_file: str
+    client_ca_file: str
+    services: tuple[GatewayService, ...]
+    reuse_port: bool = False
+    health_listen: Address | None = None
+    connect_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    max_connections_per_client: int = 64
+    max_connections: int = 10000
+
+
+@frozen
+class ConnectConfig:
+    """
+    ``[connect]``: the device-side CONNECT proxy kubectl reaches through ``proxy-url``.
+    """
+
+    listen: Address = Address("127.0.0.1", 8443)
+    # http://host:port or https://host:port (optionally user:password@); None: direct.
+    next_hop: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    ca_file: str | None = None
+    allow: tuple[tuple[str, int], ...] = ()
+    connect_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+
+
+@frozen
+class OIDCClientConfig:
+    """
+    ``[oidc_client]``: where the device gets ID tokens for kubectl (refresh-token grant).
+    """
+
+    issuer_url: str
+    client_id: str
+    refresh_token_file: str
+    client_secret_file: str | None = None
+    ca_file: str | None = None
+    # Where the current ID token is cached (0600); default beside the refresh token.
+    cache_file: str | None = None
+    # A cached token is refreshed this long before it expires.
+    refresh_before: float = 60.0
+
+
+#: Kubernetes object-name rule for cluster names (seed, "Common Issues").
+CLUSTER_NAME_RULE = "at most 63 characters, only lowercase letters, digits and '-'"
+
+
+@frozen
+class KubeconfigConfig:
+    """
+    ``[kubeconfig]``: the kubeconfig ``banyan-kproxy kubeconfig`` writes.
+    """
+
+    server: str
+    path: str = "~/.kube/banyan"
+    cluster_name: str = "testcluster"
+    ca_file: str | None = None
+
+
+@frozen
 class Config:
     """
     A whole validated configuration file.
@@ -175,6 +260,10 @@ class Config:
     token_passthrough: TokenPassthroughConfig = attr.Factory(TokenPassthroughConfig)
     audit: AuditConfig | None = None
     banyan: BanyanConfig | None = None
+    gateway: GatewayConfig | None = None
+    connect: ConnectConfig | None = None
+    oidc_client: OIDCClientConfig | None = None
+    kubeconfig: KubeconfigConfig | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +459,24 @@ _SECTIONS: dict[str, set[str]] = {
         "truncate_max_event_size", "truncate_max_batch_size",
     },
     "banyan": {"service_name", "refresh_token_file", "restapi_url", "events_path"},
+    "gateway": {
+        "listen", "tls_cert_file", "tls_key_file", "client_ca_file", "services", "reuse_port",
+        "health_listen", "connect_timeout", "idle_timeout", "max_connections_per_client",
+        "max_connections",
+    },
+    "connect": {
+        "listen", "next_hop", "client_cert_file", "client_key_file", "ca_file", "allow",
+        "connect_timeout", "idle_timeout",
+    },
+    "oidc_client": {
+        "issuer_url", "client_id", "client_secret_file", "refresh_token_file", "ca_file",
+        "cache_file", "refresh_before",
+    },
+    "kubeconfig": {"path", "cluster_name", "server", "ca_file"},
 }
+
+#: The sections that make the daemon run something.
+ROLES = ("proxy", "gateway", "connect")
 
 #: Where an in-cluster pod finds its service account.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -595,6 +701,173 @@ def _banyan(loader: _Loader) -> BanyanConfig | None:
     return BanyanConfig(service_name, refresh, url, path)  # type: ignore[arg-type]
 
 
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def parse_destination(text: str) -> tuple[str, int]:
+    """
+    ``domain:port`` (or ``[v6]:port``) as a lower-cased host and a port.
+    """
+    address = parse_address(text)
+    host = address.host.lower()
+    if ":" not in host and not _DOMAIN.match(host):
+        raise _Problem(f"{text!r} does not name a valid host")
+    if address.port == 0:
+        raise _Problem(f"{text!r} needs a port")
+    return host, address.port
+
+
+def parse_services(text: str) -> tuple[GatewayService, ...]:
+    """
+    One service per line or comma: ``domain:port=backend-host:port`` with an optional
+    `` clients=pattern|pattern``.
+    """
+    services = []
+    seen = set()
+    for item in re.split(r"[\n,]+", text):
+        item = item.strip()
+        if not item:
+            continue
+        spec, _, options = item.partition(" ")
+        target, sep, backend = spec.partition("=")
+        if not sep:
+            raise _Problem(f"{item!r} is not domain:port=backend-host:port")
+        domain, port = parse_destination(target)
+        if (domain, port) in seen:
+            raise _Problem(f"{domain}:{port} is registered twice")
+        seen.add((domain, port))
+        clients: tuple[str, ...] = ()
+        for option in options.split():
+            key, eq, value = option.partition("=")
+            if key != "clients" or not eq or not value:
+                raise _Problem(f"{option!r} in {item!r}: only clients=pattern|pattern is understood")
+            clients = tuple(p for p in value.split("|") if p)
+        services.append(GatewayService(domain, port, parse_address(backend), clients))
+    if not services:
+        raise _Problem("no service given")
+    return tuple(services)
+
+
+def parse_destinations(text: str) -> tuple[tuple[str, int], ...]:
+    """
+    A list of ``host:port`` destinations.
+    """
+    return tuple(parse_destination(item) for item in parse_list(text))
+
+
+def parse_proxy_url(text: str) -> str:
+    """
+    An ``http://`` or ``https://`` CONNECT proxy URL with a host and port.
+    """
+    from urllib.parse import urlsplit
+
+    url = urlsplit(text.strip())
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise _Problem(f"{text!r} is not an http:// or https:// proxy URL")
+    try:
+        _ = url.port
+    except ValueError:
+        raise _Problem(f"{text!r} has an invalid port") from None
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise _Problem(f"{text!r} must not have a path, query or fragment")
+    return text.strip()
+
+
+def parse_cluster_name(text: str) -> str:
+    """
+    A kubeconfig cluster/context name that kubectl can use: Kubernetes object-name
+    rules (seed, "Common Issues").
+    """
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", text):
+        raise _Problem(f"{text!r} is not a valid cluster name: use {CLUSTER_NAME_RULE}")
+    return text
+
+
+def _gateway(loader: _Loader) -> GatewayConfig | None:
+    if not loader.parser.has_section("gateway"):
+        return None
+    s = loader.section("gateway", _SECTIONS["gateway"])
+    d = GatewayConfig(Address("x", 1), "", "", "", ())
+    listen = s.get("listen", parse_address, required=True)
+    cert = s.file("tls_cert_file", required=True)
+    key = s.file("tls_key_file", required=True)
+    ca = s.file("client_ca_file", required=True)
+    services = s.get("services", parse_services, required=True)
+    values = {
+        "reuse_port": s.get("reuse_port", parse_bool, d.reuse_port),
+        "health_listen": s.get("health_listen", parse_address),
+        "connect_timeout": s.get("connect_timeout", parse_duration, d.connect_timeout),
+        "idle_timeout": s.get("idle_timeout", parse_duration, d.idle_timeout),
+        "max_connections_per_client": s.get(
+            "max_connections_per_client", parse_positive_int, d.max_connections_per_client
+        ),
+        "max_connections": s.get("max_connections", parse_positive_int, d.max_connections),
+    }
+    if None in (listen, cert, key, ca, services):
+        return None
+    return GatewayConfig(listen, cert, key, ca, services, **values)  # type: ignore[arg-type]
+
+
+def _connect(loader: _Loader) -> ConnectConfig | None:
+    if not loader.parser.has_section("connect"):
+        return None
+    s = loader.section("connect", _SECTIONS["connect"])
+    d = ConnectConfig()
+    cert, key = s.file("client_cert_file"), s.file("client_key_file")
+    if (s.raw("client_cert_file") is None) != (s.raw("client_key_file") is None):
+        s.problem("client_cert_file", "client_cert_file and client_key_file go together")
+    next_hop = s.get("next_hop", parse_proxy_url)
+    allow = s.get("allow", parse_destinations, ())
+    if not allow:
+        s.problem("allow", "is required: the destinations this proxy may tunnel to")
+    return ConnectConfig(
+        listen=s.get("listen", parse_address, d.listen),  # type: ignore[arg-type]
+        next_hop=next_hop,  # type: ignore[arg-type]
+        client_cert_file=cert,
+        client_key_file=key,
+        ca_file=s.file("ca_file"),
+        allow=allow,  # type: ignore[arg-type]
+        connect_timeout=s.get("connect_timeout", parse_duration, d.connect_timeout),  # type: ignore[arg-type]
+        idle_timeout=s.get("idle_timeout", parse_duration, d.idle_timeout),  # type: ignore[arg-type]
+    )
+
+
+def _oidc_client(loader: _Loader) -> OIDCClientConfig | None:
+    if not loader.parser.has_section("oidc_client"):
+        return None
+    s = loader.section("oidc_client", _SECTIONS["oidc_client"])
+    issuer = s.get("issuer_url", parse_https_url, required=True)
+    client_id = s.get("client_id", str, required=True)
+    refresh = s.file("refresh_token_file", required=True)
+    cache = s.raw("cache_file")
+    if cache is not None:
+        cache = os.path.join(os.path.dirname(os.path.abspath(loader.path)), os.path.expanduser(cache))
+    values = {
+        "client_secret_file": s.file("client_secret_file"),
+        "ca_file": s.file("ca_file"),
+        "cache_file": cache,
+        "refresh_before": s.get("refresh_before", parse_duration, 60.0),
+    }
+    if None in (issuer, client_id, refresh):
+        return None
+    return OIDCClientConfig(issuer, client_id, refresh, **values)  # type: ignore[arg-type]
+
+
+def _kubeconfig(loader: _Loader) -> KubeconfigConfig | None:
+    if not loader.parser.has_section("kubeconfig"):
+        return None
+    s = loader.section("kubeconfig", _SECTIONS["kubeconfig"])
+    server = s.get("server", parse_https_url, required=True)
+    values = {
+        "path": os.path.expanduser(s.raw("path") or "~/.kube/banyan"),
+        "cluster_name": s.get("cluster_name", parse_cluster_name, "testcluster"),
+        "ca_file": s.file("ca_file"),
+    }
+    if server is None:
+        return None
+    return KubeconfigConfig(server, **values)  # type: ignore[arg-type]
+
+
 def _read(path: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None, strict=True, inline_comment_prefixes=(";", "#"))
     parser.optionxform = str  # type: ignore[assignment, method-assign]
@@ -643,11 +916,22 @@ def load_config(
         for needed in ("oidc", "upstream"):
             if not parser.has_section(needed):
                 loader.problems.append(f"{path}: [{needed}]: section is required with [proxy]")
-    if not parser.has_section("proxy"):
-        loader.problems.append(f"{path}: [proxy]: section is required (no role is configured)")
+    gateway = _gateway(loader)
+    connect = _connect(loader)
+    oidc_client = _oidc_client(loader)
+    kubeconfig = _kubeconfig(loader)
+    if not any(parser.has_section(role) for role in ROLES) and not (
+        parser.has_section("oidc_client") or parser.has_section("kubeconfig")
+    ):
+        loader.problems.append(
+            f"{path}: no role is configured: add a [proxy], [gateway] or [connect] section"
+        )
     if loader.problems:
         raise ConfigError(loader.problems)
-    return Config(path, proxy, oidc, upstream, impersonation, token_passthrough, audit, banyan)
+    return Config(
+        path, proxy, oidc, upstream, impersonation, token_passthrough, audit, banyan,
+        gateway, connect, oidc_client, kubeconfig,
+    )
 
 
 def iter_sections() -> Iterator[tuple[str, set[str]]]:

@@ -2,7 +2,8 @@
 twistd entry point: ``twistd -n banyan-kproxy --config FILE``.
 
 ``makeService`` reads the INI file and builds a ``MultiService`` with one named child
-per running part (``proxy``, ``health``, ``oidc``, ``certificates``, ``upstream``).
+per running part: for ``[proxy]`` ``proxy``, ``health``, ``oidc``, ``certificates``,
+``upstream`` (and ``audit``); for ``[gateway]`` and ``[connect]`` their listeners.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     try:
         if config.proxy is not None:
             add_proxy_role(parent, config, reactor, metrics)
+        if config.gateway is not None:
+            from banyan_kproxy.gateway.service import add_gateway_role
+
+            add_gateway_role(parent, config, reactor, metrics)
+        if config.connect is not None:
+            from banyan_kproxy.connect.service import add_connect_role
+
+            add_connect_role(parent, config, reactor, metrics)
     except (TLSConfigError, CredentialError) as e:
         raise fail_startup(f"{config.path}: {e}", code=2)
     except AuditConfigError as e:

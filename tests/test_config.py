@@ -286,19 +286,25 @@ class SampleFileTests(SynchronousTestCase):
     The shipped sample configuration, etc/banyan-kproxy/kproxy.ini.
     """
 
-    def sample(self) -> str:
+    def sample(self, name: str = "kproxy.ini") -> str:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        with open(os.path.join(here, "etc", "banyan-kproxy", "kproxy.ini"), encoding="utf-8") as f:
+        with open(os.path.join(here, "etc", "banyan-kproxy", name), encoding="utf-8") as f:
             return f.read()
+
+    def samples(self) -> str:
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc",
+                            "banyan-kproxy")
+        return "\n".join(self.sample(n) for n in sorted(os.listdir(here)) if n.endswith(".ini"))
 
     def test_documents_every_key(self) -> None:
         """
-        Every key the daemon understands is written out (and so documented) in the
-        sample; optional sections may be commented out.
+        Every key the daemon understands is written out (and so documented) in one of
+        the sample files (kproxy.ini, gateway.ini, connect.ini); optional sections may
+        be commented out.
         """
         from banyan_kproxy.config import iter_sections
 
-        text = self.sample()
+        text = self.samples()
         missing = []
         for section, keys in iter_sections():
             block = text.partition(f"\n[{section}]")[2].partition("\n[")[0]
