@@ -387,6 +387,28 @@ class PassthroughTests(StackTestCase):
 
         return ensureDeferred(run())
 
+    def test_kubectl_create_token(self) -> Deferred[None]:
+        """
+        A token minted with ``kubectl create token`` (through the proxy, by an admin)
+        works through the proxy as that service account.
+        """
+
+        async def run() -> None:
+            self.stack.standin.add_service_account("deployer")
+            self.stack.standin.add_pod("web-1")
+            output, code = await self.kubectl(self.users(), "--context", "admin", "create", "token", "deployer")
+            self.assertEqual(code, 0, output)
+            token = output.strip()
+            self.assertTrue(token.startswith("sa."), output)
+            kubeconfig = self.stack.write_kubeconfig("minted", {"deployer": token})
+            output, code = await self.kubectl(kubeconfig, "get", "pods")
+            self.assertEqual(code, 0, output)
+            self.assertIn("web-1", output)
+            listed = [r for r in self.stack.standin.requests if r.path == "/api/v1/namespaces/default/pods"]
+            self.assertEqual(listed[-1].requester.name, "system:serviceaccount:default:deployer")
+
+        return ensureDeferred(run())
+
     async def metrics(self) -> str:
         import treq
 

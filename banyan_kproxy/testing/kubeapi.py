@@ -41,6 +41,7 @@ import collections
 import copy
 import itertools
 import json
+import secrets
 import re
 import sys
 import time
@@ -56,6 +57,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from banyan_kproxy.requestinfo import RequestInfo, request_info
 from banyan_kproxy.status import status as _status
 from banyan_kproxy.testing.containers import Container, PodFilesystem
 from banyan_kproxy.testing.rbac import (
@@ -165,99 +167,8 @@ class RecordedRequest:
         return [v for n, v in self.headers if n.lower() == wanted]
 
 
-@frozen
-class RequestInfo:
-    """
-    What kube-apiserver's ``RequestInfoFactory`` makes of a request line.
-    """
-
-    resource_request: bool
-    path: str
-    verb: str
-    api_prefix: str = ""
-    api_group: str = ""
-    api_version: str = ""
-    namespace: str = ""
-    resource: str = ""
-    subresource: str = ""
-    name: str = ""
-    parts: tuple[str, ...] = ()
-
-
 def _query_bool(values: Sequence[str]) -> bool:
     return bool(values) and values[0].lower() not in ("", "false", "0")
-
-
-def _field_exact_name(selector: str) -> str:
-    for term in selector.split(","):
-        term = term.strip()
-        for op in ("==", "="):
-            key, sep, value = term.partition(op)
-            if sep and not key.endswith("!") and key.strip() == "metadata.name":
-                return value.strip()
-    return ""
-
-
-def request_info(method: str, path: str, args: Mapping[str, Sequence[str]]) -> RequestInfo:
-    """
-    Classify a request as kube-apiserver does before authorizing it.
-
-    ``/api/v1/namespaces/default/pods?watch=1`` is a resource request (verb ``watch``,
-    resource ``pods``, namespace ``default``); ``/api/v1/namespaces/default`` names
-    the namespace ``default`` in the namespace ``default``; ``/healthz`` and
-    ``/apis/apps/v1`` are non-resource requests whose verb is the method in lower case.
-    """
-    non_resource = RequestInfo(False, path=path, verb=method.lower())
-    parts = path.strip("/").split("/") if path.strip("/") else []
-    if len(parts) < 3 or parts[0] not in ("api", "apis"):
-        return non_resource
-    prefix, parts = parts[0], parts[1:]
-    group = ""
-    if prefix == "apis":
-        if len(parts) < 3:
-            return non_resource
-        group, parts = parts[0], parts[1:]
-    version, parts = parts[0], parts[1:]
-    if parts[0] in ("watch", "proxy"):
-        if len(parts) < 2:
-            return non_resource
-        verb, parts = parts[0], parts[1:]
-    else:
-        verb = {
-            "POST": "create",
-            "GET": "get",
-            "HEAD": "get",
-            "PUT": "update",
-            "PATCH": "patch",
-            "DELETE": "delete",
-        }.get(method, "")
-    namespace = ""
-    if parts[0] == "namespaces" and len(parts) > 1:
-        namespace = parts[1]
-        if len(parts) > 2 and parts[2] not in ("status", "finalize"):
-            parts = parts[2:]
-    resource = parts[0]
-    name = parts[1] if len(parts) >= 2 else ""
-    subresource = parts[2] if len(parts) >= 3 and verb != "proxy" else ""
-    if not name and verb == "get":
-        verb = "watch" if _query_bool(args.get("watch", ())) else "list"
-        selector = args.get("fieldSelector", ("",))[0]
-        name = _field_exact_name(selector)
-    if not name and verb == "delete":
-        verb = "deletecollection"
-    return RequestInfo(
-        True,
-        path=path,
-        verb=verb,
-        api_prefix=prefix,
-        api_group=group,
-        api_version=version,
-        namespace=namespace,
-        resource=resource,
-        subresource=subresource,
-        name=name,
-        parts=tuple(parts),
-    )
 
 
 class _StatusError(Exception):
@@ -641,6 +552,11 @@ _CORE_RESOURCES: list[dict[str, Any]] = [
         "kind": "Service", "verbs": _RW_VERBS, "shortNames": ["svc"],
         "categories": ["all"],
     },
+    {
+        "name": "serviceaccounts/token", "singularName": "", "namespaced": True,
+        "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest",
+        "verbs": ["create"],
+    },
 ]
 
 _GROUP_RESOURCES: dict[str, list[dict[str, Any]]] = {
@@ -863,6 +779,7 @@ class KubeAPIStandIn:
         A stand-in with the given credentials and policy and no pods or services.
         """
         self.tokens = dict(tokens)
+        self.service_accounts: set[tuple[str, str]] = set()
         self.rbac = RBAC.from_yaml(*rbac_yaml)
         self.requests: list[RecordedRequest] = []
         self.client_certificates = client_certificates
@@ -1538,6 +1455,9 @@ class KubeAPIStandIn:
             if info.verb != "create" or info.name:
                 raise _method_not_allowed()
             return self._review(call, info)
+        if (not info.api_group and info.resource == "serviceaccounts"
+                and info.subresource == "token" and info.verb == "create"):
+            return self._token_request(call, info.namespace, info.name)
         if info.api_group or info.api_version != "v1" or info.resource not in _KINDS:
             raise _no_such_resource()
         kind = _KINDS[info.resource]
@@ -1568,6 +1488,41 @@ class KubeAPIStandIn:
             obj = self._delete(kind.resource, namespace, info.name)
             return self._respond_object(call, 200, kind, obj)
         raise _method_not_allowed()
+
+    def add_service_account(self, name: str, namespace: str = "default") -> None:
+        """
+        Register a service account, so ``kubectl create token NAME`` can mint tokens
+        for it (TokenRequest); those tokens then authenticate as the account.
+        """
+        self.service_accounts.add((namespace, name))
+
+    def _token_request(self, call: _Call, namespace: str, name: str) -> bytes:
+        """
+        ``POST .../serviceaccounts/NAME/token``: a new bearer token for the account.
+        """
+        if (namespace, name) not in self.service_accounts:
+            raise _not_found("serviceaccounts", name)
+        try:
+            request = json.loads(call.body or b"{}")
+        except ValueError as e:
+            raise _StatusError(400, f"the body of the request was in an unknown format: {e}",
+                               "BadRequest")
+        spec = dict(request.get("spec") or {})
+        seconds = int(spec.get("expirationSeconds") or 3600)
+        spec["expirationSeconds"] = seconds
+        spec.setdefault("audiences", ["https://kubernetes.default.svc.cluster.local"])
+        token = "sa." + secrets.token_urlsafe(32)
+        self.tokens[token] = UserInfo.service_account(namespace, name)
+        call.request.setResponseCode(201)
+        call.request.setHeader(b"content-type", b"application/json")
+        return json.dumps({
+            "kind": "TokenRequest",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": None},
+            "spec": spec,
+            "status": {"token": token,
+                       "expirationTimestamp": _rfc3339(self.clock.seconds() + seconds)},
+        }).encode()
 
     def _get(self, kind: _Kind, namespace: str, name: str) -> dict[str, Any]:
         obj = self._objects[kind.resource].get((namespace, name))
