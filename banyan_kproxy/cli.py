@@ -2,7 +2,8 @@
 The ``banyan-kproxy`` command: configuration checks and developer tools.
 
 The daemon itself runs under ``twistd banyan-kproxy --config FILE``; this command
-does what an operator wants without starting it.
+does what an operator wants without starting it, and on the user's device writes the
+kubeconfig (``kubeconfig``) and is kubectl's exec credential plugin (``credential``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,44 @@ def check_config(path: str) -> int:
     return 0
 
 
+def kubeconfig(path: str) -> int:
+    """
+    Write the ``[kubeconfig] path`` for the file at ``path``; return the exit status.
+    """
+    from banyan_kproxy.connect.kubeconfig import KubeconfigError, write_kubeconfig
+
+    try:
+        written = write_kubeconfig(load_config(path))
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except KubeconfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"wrote {written}")
+    return 0
+
+
+def credential(path: str, print_token: bool) -> int:
+    """
+    Be kubectl's exec credential plugin for the file at ``path``; return the exit status.
+    """
+    from banyan_kproxy.connect.credential import credential_command
+
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"banyan-kproxy credential: {problem}", file=sys.stderr)
+        return 1
+    if config.oidc_client is None:
+        print(f"banyan-kproxy credential: {path}: no [oidc_client] section: it says where "
+              "ID tokens come from", file=sys.stderr)
+        return 1
+    return credential_command(config.oidc_client, print_token)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="banyan-kproxy",
@@ -48,6 +87,22 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file", help="the INI file")
+    kube = commands.add_parser(
+        "kubeconfig",
+        help="write the [kubeconfig] path (default ~/.kube/banyan): the cluster through the "
+        "local connect service, with this program as kubectl's credential plugin",
+    )
+    kube.add_argument("--config", required=True, metavar="FILE", help="the INI file")
+    cred = commands.add_parser(
+        "credential",
+        help="kubectl's exec credential plugin: print an ExecCredential with a fresh ID token",
+    )
+    cred.add_argument("--config", required=True, metavar="FILE", help="the INI file")
+    cred.add_argument(
+        "--print-token",
+        action="store_true",
+        help="show the ID token's claims (not the token) and its expiry, for troubleshooting",
+    )
     demo = commands.add_parser(
         "demo",
         help="run the proxy on loopback with a development issuer, in front of the current "
@@ -69,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "kubeconfig":
+        return kubeconfig(args.config)
+    if args.command == "credential":
+        return credential(args.config, args.print_token)
     if args.command == "demo":
         from banyan_kproxy.demo import run_demo
 

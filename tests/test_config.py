@@ -203,7 +203,11 @@ extra = team=platform, team=sre
         A file with no role section says so.
         """
         problems = self.problems("[impersonation]\nclient_ip = false\n")
-        self.assertIn("[proxy]: section is required", problems[0])
+        self.assertEqual(
+            problems,
+            [f"{self.files.path('kproxy.ini')}: no role is configured: add a [proxy], [gateway] "
+             "or [connect] section"],
+        )
 
     def test_syntax_error(self) -> None:
         """
@@ -307,14 +311,17 @@ class SampleFileTests(SynchronousTestCase):
         text = self.samples()
         missing = []
         for section, keys in iter_sections():
-            block = text.partition(f"\n[{section}]")[2].partition("\n[")[0]
-            if not block:
-                block = text.partition(f"\n;[{section}]")[2].partition("\n;[")[0]
-            if not block:
+            # Every block of this section, written out or commented out, in any file.
+            blocks = [
+                part.partition("\n[")[0].partition("\n;[")[0]
+                for marker in (f"\n[{section}]", f"\n;[{section}]")
+                for part in text.split(marker)[1:]
+            ]
+            if not blocks:
                 missing.append(f"[{section}]")
                 continue
             for key in keys:
-                if f"\n{key} =" not in block and f"\n;{key} =" not in block:
+                if not any(f"\n{key} =" in b or f"\n;{key} =" in b for b in blocks):
                     missing.append(f"[{section}] {key}")
         self.assertEqual(missing, [])
 

@@ -212,6 +212,7 @@ class CertificateAuthority:
         *,
         dns_names: Iterable[str] = (),
         ip_addresses: Iterable[IPLike] = (),
+        email_addresses: Iterable[str] = (),
         organizations: Iterable[str] = (),
         client: bool = False,
         not_valid_after_days: float = 365,
@@ -220,7 +221,7 @@ class CertificateAuthority:
         Sign a new leaf certificate with a fresh P-256 key.
 
         Server certificates (the default) carry the ``serverAuth`` usage and the
-        given names as subject alternative names.  Client certificates carry
+        given names (DNS, IP, email) as subject alternative names.  Client certificates carry
         ``clientAuth``; Kubernetes reads their CN as the user and each O as a group.
         A negative ``not_valid_after_days`` gives an already expired certificate.
         """
@@ -236,6 +237,7 @@ class CertificateAuthority:
         ).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(str(i))) for i in ip_addresses]
+        names += [x509.RFC822Name(e) for e in email_addresses]
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         certificate = builder.sign(self.key, hashes.SHA256())

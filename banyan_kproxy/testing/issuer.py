@@ -7,6 +7,12 @@ An OIDC issuer for tests and demos: discovery, a JWKS, and tokens signed on dema
 headers a test needs, including forged ones (``alg: none``, HMAC keyed with the public
 key).  `OIDCIssuer.stub_treq` gives a ``treq.testing.StubTreq`` that reaches it in
 memory; `OIDCIssuer.resource` can also be served on a real port.
+
+Its token endpoint (``<issuer path>/token``, named in discovery) answers the OAuth 2.0
+refresh-token grant (RFC 6749 section 6) for refresh tokens made with
+`OIDCIssuer.issue_refresh_token`: a fresh ID token for the claims the refresh token
+was issued with, optionally a rotated refresh token, and ``400 invalid_grant`` for an
+unknown, revoked or already rotated one.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -157,6 +163,14 @@ class OIDCIssuer:
     `release_jwks`).  Counters: ``jwks_fetches``, ``discovery_fetches``, and
     ``requests`` (every path asked for).
 
+    Token endpoint: ``token_requests`` counts every POST to it and ``token_grants``
+    the refreshes it granted; ``rotate_refresh_tokens`` makes each grant return a new
+    refresh token and retire the old one; ``id_token_lifetime`` is how long the ID
+    tokens it hands out live; ``client_secrets`` maps a client id to the secret that
+    client must present (HTTP basic or form ``client_secret``); ``token_status``
+    answers every token request with that status instead (500, 503: the issuer is
+    down).
+
     RSA keys come from a small shared pool (see `generate_private_key`); pass
     ``fresh_keys=True`` for keys of its own, as a demo should.
     """
@@ -182,6 +196,13 @@ class OIDCIssuer:
         self.extra_jwks: list[dict[str, Any]] = []
         self.hold_jwks = False
         self.held: list[Request] = []
+        self.token_requests = 0
+        self.token_grants = 0
+        self.rotate_refresh_tokens = False
+        self.id_token_lifetime: float = 3600
+        self.client_secrets: dict[str, str] = {}
+        self.token_status = 200
+        self._refresh_tokens: dict[str, _RefreshGrant] = {}
         self._keys: list[_SigningKey] = []
         self._removed: set[str] = set()
         self._stubs: list[StubTreq] = []
@@ -352,6 +373,90 @@ class OIDCIssuer:
         """
         return self.forged_token(claims, alg="none", **options)
 
+    # -- refresh tokens -------------------------------------------------------------
+
+    def issue_refresh_token(
+        self,
+        claims: Mapping[str, Any] | None = None,
+        *,
+        client_id: str = "kubernetes",
+        subject: str = "user-1",
+    ) -> str:
+        """
+        A new refresh token for ``client_id``: the token endpoint exchanges it for ID
+        tokens with ``claims`` (merged as in `token`), ``sub`` = ``subject`` and
+        ``aud`` = ``client_id``.
+        """
+        refresh_token = "rt-" + secrets.token_urlsafe(24)
+        self._refresh_tokens[refresh_token] = _RefreshGrant(client_id, subject, dict(claims or {}))
+        return refresh_token
+
+    def revoke_refresh_token(self, refresh_token: str) -> None:
+        """
+        Make ``refresh_token`` unusable (the token endpoint answers ``invalid_grant``).
+        """
+        self._refresh_tokens.pop(refresh_token, None)
+
+    def refresh_token_valid(self, refresh_token: str) -> bool:
+        """
+        Whether the token endpoint would accept ``refresh_token`` now.
+        """
+        return refresh_token in self._refresh_tokens
+
+    def _token_response(self, request: Request) -> bytes:
+        self.token_requests += 1
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        if self.token_status != 200:
+            request.setResponseCode(self.token_status)
+            return _json({"error": "temporarily_unavailable"})
+        form = {
+            key.decode("utf-8", "replace"): values[0].decode("utf-8", "replace")
+            for key, values in (request.args or {}).items()
+            if values
+        }
+        basic = _basic_credentials(request.getHeader(b"authorization"))
+        client_id = basic[0] if basic else form.get("client_id", "")
+        secret = basic[1] if basic else form.get("client_secret")
+
+        def error(status: int, code: str, description: str) -> bytes:
+            request.setResponseCode(status)
+            if status == 401:
+                request.setHeader(b"WWW-Authenticate", b'Basic realm="token"')
+            return _json({"error": code, "error_description": description})
+
+        if form.get("grant_type") != "refresh_token":
+            return error(400, "unsupported_grant_type", "only refresh_token is supported")
+        if not client_id:
+            return error(400, "invalid_request", "client_id is missing")
+        expected_secret = self.client_secrets.get(client_id)
+        if expected_secret is not None and not (
+            secret is not None and hmac.compare_digest(secret, expected_secret)
+        ):
+            return error(401, "invalid_client", "client authentication failed")
+        refresh_token = form.get("refresh_token", "")
+        grant = self._refresh_tokens.get(refresh_token)
+        if grant is None or grant.client_id != client_id:
+            return error(400, "invalid_grant", "the refresh token is invalid, expired or revoked")
+        self.token_grants += 1
+        body: dict[str, Any] = {
+            "access_token": "at-" + secrets.token_urlsafe(16),
+            "token_type": "Bearer",
+            "expires_in": int(self.id_token_lifetime),
+            "id_token": self.token(
+                grant.claims,
+                subject=grant.subject,
+                audience=grant.client_id,
+                expires_in=self.id_token_lifetime,
+            ),
+        }
+        if self.rotate_refresh_tokens:
+            del self._refresh_tokens[refresh_token]
+            rotated = "rt-" + secrets.token_urlsafe(24)
+            self._refresh_tokens[rotated] = grant
+            body["refresh_token"] = rotated
+        return _json(body)
+
     def config(self, **overrides: Any) -> OIDCConfig:
         """
         An ``[oidc]`` configuration that trusts this issuer (client id ``kubernetes``).
@@ -432,6 +537,12 @@ class OIDCIssuer:
                 return b'{"error": "unavailable"}'
             request.setHeader(b"Content-Type", b"application/json")
             return _json(self.discovery_document())
+        if request.path == base + b"/token":
+            if request.method != b"POST":
+                request.setResponseCode(405)
+                request.setHeader(b"Allow", b"POST")
+                return b'{"error": "method not allowed"}'
+            return self._token_response(request)
         if request.path == base + b"/keys":
             self.jwks_fetches += 1
             if self.hold_jwks:
@@ -457,3 +568,34 @@ class _IssuerResource(Resource):
 
     def render_GET(self, request: Request) -> Any:
         return self._issuer._render(request)
+
+    render_POST = render_GET
+
+
+class _RefreshGrant:
+    """
+    What a refresh token stands for: the client it was issued to and the ID token
+    claims it yields.
+    """
+
+    def __init__(self, client_id: str, subject: str, claims: dict[str, Any]) -> None:
+        self.client_id = client_id
+        self.subject = subject
+        self.claims = claims
+
+
+def _basic_credentials(header: bytes | None) -> tuple[str, str] | None:
+    """
+    The client id and secret of an HTTP basic ``Authorization`` header (RFC 6749
+    section 2.3.1: both form-urlencoded before base64), or None.
+    """
+    if not header or not header[:6].lower() == b"basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        return None
+    return unquote_plus(user), unquote_plus(password)
