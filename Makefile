@@ -27,10 +27,13 @@ $(VENV_OLDEST)/.stamp: setup.cfg pyproject.toml requirements/oldest.txt
 
 venv: $(VENV)/.stamp
 
-# The tests drive real peers: kubectl (on the machine), openssl and curl.
+# The tests drive real peers: kubectl (on the machine), openssl, curl and tinyproxy
+# (a real CONNECT proxy as the connect service's next hop).
 check-tools:
 	@command -v openssl >/dev/null && command -v curl >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq openssl curl >/dev/null)
+	@command -v tinyproxy >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq tinyproxy >/dev/null)
 	@command -v kubectl >/dev/null || { echo "kubectl is not on PATH: the integration tests need it" >&2; exit 1; }
 
 lint: $(VENV)/.stamp
@@ -57,3 +60,45 @@ demo: $(VENV)/.stamp
 
 clean:
 	rm -rf $(VENV) $(VENV_OLDEST) build dist *.egg-info _trial_temp* .demo
+
+# --- Debian package ----------------------------------------------------------------
+# `make deb` builds banyan-kproxy_<version>_all.deb (plus the native source package
+# and .changes) in build/deb/, on Debian's own python3-* packages, and runs lintian.
+# Debian's tools run with a clean environment: no pyenv shims or virtualenv on PATH.
+# The build runs the whole trial suite under Debian's python3 (DEB_BUILD_OPTIONS=nocheck
+# skips it).  `make deb-test` installs the .deb with apt-get, runs the installed daemon
+# as the banyan-kproxy user with twistd3 and drives it with kubectl, then purges the
+# package and checks nothing is left (tests/test_deb_package.py).
+DEB_DIR := build/deb
+DEB_SRC := $(DEB_DIR)/banyan-kproxy
+DEB_PATH := /usr/sbin:/usr/bin:/sbin:/bin
+DEB_ENV = env -i PATH=$(DEB_PATH) HOME=$(CURDIR)/$(DEB_DIR) LANG=C.UTF-8 \
+	DEB_BUILD_OPTIONS="$(DEB_BUILD_OPTIONS)" DEBIAN_FRONTEND=noninteractive
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEB_TEST_TIMEOUT ?= 600
+
+.PHONY: deb deb-test
+
+deb:
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_SRC)
+	@# Only what git tracks or would track (no virtualenvs, _trial_temp, caches).
+	git ls-files -z --cached --others --exclude-standard \
+	  | grep -zvE '(^|/)(_trial_temp[^/]*|\.hypothesis|dropin\.cache)(/|$$)' \
+	  | tar --null --ignore-failed-read -cf - -T - | tar -xf - -C $(DEB_SRC)
+	cd $(DEB_SRC) && $(DEB_ENV) dpkg-checkbuilddeps 2>/dev/null || \
+	  { $(SUDO) $(DEB_ENV) apt-get update -qq && \
+	    $(SUDO) $(DEB_ENV) apt-get build-dep -y -qq $(CURDIR)/$(DEB_SRC) >/dev/null; }
+	command -v lintian >/dev/null || $(SUDO) $(DEB_ENV) apt-get install -y -qq lintian >/dev/null
+	cd $(DEB_SRC) && $(DEB_ENV) dpkg-buildpackage -us -uc
+	$(DEB_ENV) lintian --fail-on error,warning --display-info $(DEB_DIR)/*.changes
+	ls -l $(DEB_DIR)/*.deb
+
+deb-test: $(VENV)/.stamp check-tools
+	test -n "$$(ls $(DEB_DIR)/banyan-kproxy_*_all.deb 2>/dev/null)" || $(MAKE) deb
+	$(SUDO) $(DEB_ENV) apt-get install -y -qq ./$$(ls $(DEB_DIR)/banyan-kproxy_*_all.deb | tail -1)
+	BANYAN_KPROXY_DEB_TEST=installed PYTHONPATH=$(CURDIR) timeout $(DEB_TEST_TIMEOUT) \
+	  $(VENV)/bin/trial --temp-directory=_trial_temp.deb tests.test_deb_package
+	$(SUDO) $(DEB_ENV) apt-get purge -y -qq banyan-kproxy
+	BANYAN_KPROXY_DEB_TEST=purged PYTHONPATH=$(CURDIR) timeout $(DEB_TEST_TIMEOUT) \
+	  $(VENV)/bin/trial --temp-directory=_trial_temp.deb tests.test_deb_package

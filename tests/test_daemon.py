@@ -19,9 +19,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from banyan_kproxy.testing.certs import CertificateAuthority
-from banyan_kproxy.testing.stack import LoopbackStack, repository_file
-
-BIN = os.path.dirname(sys.executable)
+from banyan_kproxy.testing.stack import LoopbackStack, repository_file, twistd_command
 
 
 def source_env() -> dict[str, str]:
@@ -64,9 +62,10 @@ async def twistd(config: str) -> tuple[str, str, int]:
     """
     Run ``twistd -n banyan-kproxy --config FILE`` expecting it to exit by itself.
     """
+    twistd, *first = twistd_command()
     out, err, code = await getProcessOutputAndValue(
-        os.path.join(BIN, "twistd"),
-        ("--nodaemon", "--pidfile=", "banyan-kproxy", "--config", config),
+        twistd,
+        (*first, "--nodaemon", "--pidfile=", "banyan-kproxy", "--config", config),
         env=source_env(),
         reactor=reactor,
     )
@@ -152,7 +151,7 @@ class CheckConfigTests(TestCase):
 
     async def check(self, path: str) -> tuple[str, str, int]:
         out, err, code = await getProcessOutputAndValue(
-            os.path.join(BIN, "python"),
+            sys.executable,
             ("-m", "banyan_kproxy.cli", "check-config", path),
             env=source_env(),
             reactor=reactor,
@@ -304,6 +303,10 @@ class RunningDaemonTests(TestCase):
         With the apiserver gone, kubectl gets the proxy's 503 Status message.
         """
 
+        from .test_kubectl import kubectl_binary
+
+        kubectl = kubectl_binary(None)
+
         async def run() -> None:
             from banyan_kproxy.testing.stack import READER_ROLE
 
@@ -317,7 +320,7 @@ class RunningDaemonTests(TestCase):
             home = os.path.abspath(self.mktemp())
             os.makedirs(home)
             out, err, code = await getProcessOutputAndValue(
-                "kubectl", ("get", "pods", "--request-timeout=20s"),
+                kubectl, ("get", "pods", "--request-timeout=20s"),
                 env={"HOME": home, "KUBECONFIG": kubeconfig, "PATH": os.environ["PATH"]},
                 reactor=reactor,
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import sys
 
 import yaml
@@ -14,7 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.server import Site
 
 from banyan_kproxy.config import Address
@@ -140,6 +141,9 @@ class DemoRunTests(TestCase):
         The demo shows an allowed and a forbidden request, and Ctrl-C (SIGINT) stops
         it and its daemon, exiting 0.
         """
+
+        if shutil.which("kubectl") is None:
+            raise SkipTest("kubectl is not on PATH")
 
         async def run() -> None:
             directory = os.path.abspath(self.mktemp())

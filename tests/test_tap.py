@@ -55,7 +55,7 @@ class MakeServiceTests(SynchronousTestCase):
         service = self.make(self.ini("health_listen = 127.0.0.1:8080"), reactor)
         self.assertEqual(
             sorted(s.name for s in service),
-            ["certificates", "health", "oidc", "proxy", "upstream"],
+            ["certificates", "health", "oidc", "proxy", "reload", "upstream"],
         )
         self.assertEqual(reactor.tcpServers, [])
 

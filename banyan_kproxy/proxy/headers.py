@@ -10,6 +10,7 @@ impersonation headers.  Responses lose hop-by-hop headers only.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
@@ -40,6 +41,9 @@ _REPLACED_UPSTREAM = frozenset(
 #: Headers that assert an identity to kube-apiserver's front-proxy authenticator.
 _FRONT_PROXY_PREFIXES = (b"x-remote-user", b"x-remote-group", b"x-remote-extra-")
 
+#: Client impersonation headers, as kube-apiserver reads them.
+_IMPERSONATE_PREFIX = b"impersonate-"
+
 GROUP_AUTHENTICATED = "system:authenticated"
 GROUP_UNAUTHENTICATED = "system:unauthenticated"
 
@@ -57,6 +61,25 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return names
 
 
+def _identity_name(name: bytes) -> bytes:
+    """
+    ``name`` lower-cased with ``_`` read as ``-``, for recognising identity headers.
+
+    kube-apiserver (Go's ``net/http``) never reads ``Impersonate_User`` as
+    ``Impersonate-User``, but servers and gateways that map ``_`` to ``-`` (CGI,
+    WSGI, some proxies) exist; such spellings are dropped rather than carried.
+    """
+    return name.lower().replace(b"_", b"-")
+
+
+def _asserts_identity(name: bytes) -> bool:
+    """
+    Whether a client header named ``name`` (any spelling) asserts an identity.
+    """
+    normal = _identity_name(name)
+    return normal.startswith(_IMPERSONATE_PREFIX) or normal.startswith(_FRONT_PROXY_PREFIXES)
+
+
 def client_impersonation_headers(headers: Headers) -> list[str]:
     """
     The names of any ``Impersonate-*`` headers the client sent (any case).
@@ -64,7 +87,7 @@ def client_impersonation_headers(headers: Headers) -> list[str]:
     found = []
     for name, _ in headers.getAllRawHeaders():
         lowered = name.lower()
-        if lowered.startswith(b"impersonate-"):
+        if lowered.startswith(_IMPERSONATE_PREFIX):
             found.append(name.decode("latin-1"))
     return found
 
@@ -88,13 +111,18 @@ def upstream_request_headers(
     """
     dropped = HOP_BY_HOP | _REPLACED_UPSTREAM | _connection_tokens(client)
     out = Headers()
-    for name, values in client.getAllRawHeaders():
+    for name, raw_values in client.getAllRawHeaders():
         lowered = name.lower()
-        if lowered in dropped or lowered.startswith(b"impersonate-"):
+        if lowered in dropped or _asserts_identity(name):
             continue
-        if lowered.startswith(_FRONT_PROXY_PREFIXES):
-            continue
-        out.setRawHeaders(name, list(values))
+        kept = list(raw_values)
+        if lowered == b"sec-websocket-protocol":
+            # A bearer token offered as a sub-protocol never goes upstream, whether
+            # or not it is the one the request was authenticated with.
+            kept = _without_token_entries(kept)
+            if not kept:
+                continue
+        out.setRawHeaders(name, kept)
     out.setRawHeaders(b"Impersonate-User", [_encode(identity.user)])
     groups = list(identity.groups)
     if GROUP_AUTHENTICATED not in groups and GROUP_UNAUTHENTICATED not in groups:
@@ -162,6 +190,25 @@ def bearer_token(headers: Headers) -> tuple[str | None, str | None]:
 #: ``Authorization``); kube-apiserver accepts the same.
 WEBSOCKET_TOKEN_PREFIX = b"base64url.bearer.authorization.k8s.io."
 
+#: Unpadded base64url, as kube-apiserver decodes the entry (``RawURLEncoding``).
+_BASE64URL = re.compile(rb"[A-Za-z0-9_-]+")
+
+
+def _without_token_entries(values: Iterable[bytes]) -> list[bytes]:
+    """
+    ``Sec-WebSocket-Protocol`` values with every bearer token entry removed.
+    """
+    kept = []
+    for value in values:
+        entries = [e.strip() for e in value.split(b",")]
+        if not any(e.startswith(WEBSOCKET_TOKEN_PREFIX) for e in entries):
+            kept.append(value)
+            continue
+        rest = [e for e in entries if e and not e.startswith(WEBSOCKET_TOKEN_PREFIX)]
+        if rest:
+            kept.append(b", ".join(rest))
+    return kept
+
 
 def websocket_bearer_token(headers: Headers) -> tuple[str | None, str | None, list[bytes]]:
     """
@@ -186,6 +233,10 @@ def websocket_bearer_token(headers: Headers) -> tuple[str | None, str | None, li
     if len(tokens) > 1:
         return None, "more than one bearer token sub-protocol", protocols
     encoded = tokens[0]
+    if not _BASE64URL.fullmatch(encoded) or len(encoded) % 4 == 1:
+        # Python's decoder skips characters outside the alphabet and takes the
+        # standard one too; kube-apiserver accepts unpadded base64url only.
+        return None, "the bearer token sub-protocol is not base64url", protocols
     try:
         token = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4)).decode("ascii")
     except (ValueError, UnicodeDecodeError):
@@ -217,6 +268,9 @@ def passthrough_request_headers(client: Headers, peer_ip: str | None) -> Headers
     for name, values in client.getAllRawHeaders():
         lowered = name.lower()
         if lowered in dropped or lowered.startswith(_FRONT_PROXY_PREFIXES):
+            continue
+        if _asserts_identity(name) and not lowered.startswith(_IMPERSONATE_PREFIX):
+            # ``Impersonate_User``, ``X_Remote_User`` and the like.
             continue
         out.setRawHeaders(name, list(values))
     if peer_ip:

@@ -37,9 +37,18 @@ class UpgradeResponseError(Exception):
 
 def is_upgrade(headers: Headers) -> bool:
     """
-    Whether a request asks to switch protocols (``Connection: Upgrade`` + ``Upgrade``).
+    Whether a request asks to switch protocols (``Connection: Upgrade`` + ``Upgrade``)
+    to something other than ``h2c``.
     """
-    if not headers.hasHeader(b"upgrade"):
+    protocols = [
+        p.strip().lower()
+        for p in b",".join(headers.getRawHeaders(b"upgrade", [])).split(b",")
+        if p.strip()
+    ]
+    # ``h2c`` is never carried: after it the apiserver would read HTTP/2 requests
+    # straight from the client on a connection that the proxy's credential (a
+    # client certificate) authenticates.  Such a request goes on as plain HTTP/1.1.
+    if not protocols or any(p == b"h2c" for p in protocols):
         return False
     tokens = b",".join(headers.getRawHeaders(b"connection", [])).lower().split(b",")
     return b"upgrade" in (t.strip() for t in tokens)

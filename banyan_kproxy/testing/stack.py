@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import pwd
 import re
 import signal
 import sys
@@ -54,6 +55,20 @@ def repository_file(*parts: str) -> str | None:
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.path.join(here, *parts)
     return path if os.path.exists(path) else None
+
+
+def twistd_command() -> list[str]:
+    """
+    The ``twistd`` of the running Python: the script beside the interpreter (a
+    virtualenv's ``twistd``, Debian's ``/usr/bin/twistd3``), else the same code run
+    by this interpreter.
+    """
+    bindir = os.path.dirname(sys.executable)
+    for name in ("twistd", "twistd3"):
+        path = os.path.join(bindir, name)
+        if os.access(path, os.X_OK):
+            return [path]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 def proxy_rbac_yaml() -> str:
@@ -148,6 +163,20 @@ class LoopbackStack:
     # More bearer tokens the stand-in accepts (e.g. service accounts), and more RBAC.
     standin_tokens: dict[str, Any] = attr.Factory(dict)
     standin_rbac: list[str] = attr.Factory(list)
+    # More DNS names on the proxy's certificate (a kubeconfig server reached through
+    # a CONNECT proxy, e.g. mykube.corp.example.com).
+    proxy_dns_names: Sequence[str] = ()
+    # The proxy's [proxy] listen address (fixed port: several processes with reuse_port).
+    proxy_listen: str = "127.0.0.1:0"
+    reuse_port: bool = False
+    # How the daemon is started: this command + ``--nodaemon --pidfile= banyan-kproxy
+    # --config FILE`` (default: `twistd_command()`); with ``daemon_from_checkout`` this
+    # checkout goes first on its PYTHONPATH (false: the installed code runs, e.g. a
+    # Debian package's ``/usr/bin/twistd3``).  ``run_as``: a user name the daemon runs
+    # as (the caller must be root); the files it reads are given to that user.
+    twistd_command: Sequence[str] | None = None
+    daemon_from_checkout: bool = True
+    run_as: str | None = None
     log = Logger()
 
     ca: Any = None
@@ -190,7 +219,13 @@ class LoopbackStack:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        self._give(path)
         return path
+
+    def _give(self, path: str) -> None:
+        if self.run_as is not None:
+            user = pwd.getpwnam(self.run_as)
+            os.chown(path, user.pw_uid, user.pw_gid)
 
     def _server_tls(self, name: str) -> ServerTLS:
         issued = self.ca.issue("127.0.0.1", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
@@ -203,6 +238,7 @@ class LoopbackStack:
         is false) reports ready.
         """
         os.makedirs(self.directory, exist_ok=True)
+        self._give(self.directory)
         self.ca = CertificateAuthority.generate("banyan-kproxy loopback CA")
         self._write("ca.crt", self.ca.cert_pem, 0o644)
 
@@ -232,14 +268,17 @@ class LoopbackStack:
             cluster = self.cluster
 
         proxy_cert, proxy_key = self.ca.issue(
-            "127.0.0.1", dns_names=["localhost"], ip_addresses=["127.0.0.1"]
+            "127.0.0.1", dns_names=["localhost", *self.proxy_dns_names], ip_addresses=["127.0.0.1"]
         ).write(self.directory, "proxy")
+        self._give(proxy_cert)
+        self._give(proxy_key)
         lines = [
             "[proxy]",
-            "listen = 127.0.0.1:0",
+            f"listen = {self.proxy_listen}",
             f"tls_cert_file = {proxy_cert}",
             f"tls_key_file = {proxy_key}",
             "health_listen = 127.0.0.1:0",
+            f"reuse_port = {'true' if self.reuse_port else 'false'}",
             "",
             "[oidc]",
             f"issuer_url = {self.issuer.issuer_url}",
@@ -264,22 +303,41 @@ class LoopbackStack:
         if wait_ready:
             await self.wait_ready(timeout)
 
-    async def _start_daemon(self, timeout: float) -> None:
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    def spawn_daemon(self, log_path: str | None = None) -> tuple[_DaemonProtocol, Any]:
+        """
+        Start a daemon process on this stack's configuration file; returns its
+        protocol (``listening``, ``ports``, ``ended``, ``output``) and process
+        (``pid``).  `start` uses it for the stack's own daemon; with ``reuse_port``
+        and a fixed ``proxy_listen`` more can share the proxy's port.  The caller
+        stops the ones it starts.
+        """
+        command = list(self.twistd_command or twistd_command())
         env = dict(os.environ)
         source = repository_file("twisted", "plugins")
-        if source is not None:
+        if self.daemon_from_checkout and source is not None:
             # Run this checkout's code, not an older installed copy.
             root = os.path.dirname(os.path.dirname(source))
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        self._daemon = _DaemonProtocol(self.echo_daemon, self.daemon_log)
-        self._process = self.reactor.spawnProcess(
-            self._daemon,
-            twistd,
-            [twistd, "--nodaemon", "--pidfile=", "banyan-kproxy", "--config", self.ini_path],
+        elif not self.daemon_from_checkout:
+            env.pop("PYTHONPATH", None)
+        ids: dict[str, int] = {}
+        if self.run_as is not None:
+            user = pwd.getpwnam(self.run_as)
+            ids = {"uid": user.pw_uid, "gid": user.pw_gid}
+            env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+        daemon = _DaemonProtocol(self.echo_daemon, log_path or self.daemon_log)
+        process = self.reactor.spawnProcess(
+            daemon,
+            command[0],
+            [*command, "--nodaemon", "--pidfile=", "banyan-kproxy", "--config", self.ini_path],
             env=env,
             path=self.directory,
+            **ids,
         )
+        return daemon, process
+
+    async def _start_daemon(self, timeout: float) -> None:
+        self._daemon, self._process = self.spawn_daemon()
         listening = self._daemon.listening
         listening.addTimeout(timeout, self.reactor)
         await listening
@@ -325,26 +383,38 @@ class LoopbackStack:
         kwargs.setdefault("subject", email)
         return self.issuer.token(claims, **kwargs)
 
+    def refresh_token(self, email: str, roles: Sequence[str] = ()) -> str:
+        """
+        A refresh token the development issuer's token endpoint exchanges for ID
+        tokens like `token`'s (client id ``external-services``).
+        """
+        claims = {"email": email, "email_verified": True, "roles": list(roles)}
+        return self.issuer.issue_refresh_token(claims, client_id=CLIENT_ID, subject=email)
+
     def write_kubeconfig(
-        self, name: str, users: dict[str, str], cluster_name: str = "testcluster", server: str | None = None
+        self,
+        name: str,
+        users: dict[str, str],
+        cluster_name: str = "testcluster",
+        server: str | None = None,
+        proxy_url: str | None = None,
     ) -> str:
         """
-        A kubeconfig with one context per user (context name = user name).
+        A kubeconfig with one context per user (context name = user name); with
+        ``proxy_url``, kubectl reaches ``server`` through that CONNECT proxy.
         """
         with open(self.ca_file, "rb") as f:
             ca_data = base64.b64encode(f.read()).decode()
+        cluster: dict[str, str] = {
+            "server": server or self.proxy_url,
+            "certificate-authority-data": ca_data,
+        }
+        if proxy_url is not None:
+            cluster["proxy-url"] = proxy_url
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [
-                {
-                    "name": cluster_name,
-                    "cluster": {
-                        "server": server or self.proxy_url,
-                        "certificate-authority-data": ca_data,
-                    },
-                }
-            ],
+            "clusters": [{"name": cluster_name, "cluster": cluster}],
             "users": [{"name": user, "user": {"token": token}} for user, token in users.items()],
             "contexts": [
                 {"name": user, "context": {"cluster": cluster_name, "user": user, "namespace": "default"}}
