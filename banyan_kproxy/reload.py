@@ -1,11 +1,16 @@
 """
 SIGHUP (``systemctl reload``): re-read what can change without a restart.
 
+`add_sighup_reload` (called by ``tap.makeService`` whatever the roles) adds one
+``reload`` service that re-reads every role's TLS certificate (each `ServerTLS`
+watched by a `CertificateReloader`: the proxy's, the gateway's).
+
 `SighupService` installs a SIGHUP handler while it runs.  The handler calls each of
-its ``actions`` (e.g. every `ServerTLS.reload`) in the reactor thread, then chains to
-the handler that was installed before it (the audit service installs one that reopens
-its log files), so every part that reloads on SIGHUP does so whatever order the parts
-started in.  Without any handler SIGHUP would end the process.
+its ``actions`` in the reactor thread, then chains to the handler that was installed
+before it (the audit service installs one that reopens its log files), so every part
+that reloads on SIGHUP does so whatever order the parts started in.  Without any
+handler SIGHUP would end the process: the connect role, with no certificate, still
+gets one.
 """
 
 from __future__ import annotations
@@ -15,10 +20,31 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from attr import define, field
-from twisted.application.service import Service
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.logger import Logger
 
-__all__ = ["SighupService"]
+from banyan_kproxy.tls import CertificateReloader
+
+__all__ = ["SighupService", "add_sighup_reload"]
+
+
+def add_sighup_reload(parent: MultiService, reactor: Any) -> SighupService:
+    """
+    Add a ``reload`` child to ``parent`` that re-reads, on SIGHUP, the certificate of
+    every `CertificateReloader` in it (at any depth).  Add it last: it then starts
+    after the audit service and chains to its handler (which reopens the audit log).
+    """
+    certificates = []
+    pending: list[Any] = [parent]
+    while pending:
+        for service in pending.pop(0):
+            if isinstance(service, CertificateReloader):
+                certificates.append(service.server_tls)
+            if IServiceCollection.providedBy(service):
+                pending.append(service)
+    reload = SighupService("reload", [tls.reload for tls in certificates], reactor)
+    reload.setServiceParent(parent)
+    return reload
 
 
 @define(eq=False)

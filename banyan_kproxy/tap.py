@@ -3,7 +3,8 @@ twistd entry point: ``twistd -n banyan-kproxy --config FILE``.
 
 ``makeService`` reads the INI file and builds a ``MultiService`` with one named child
 per running part: for ``[proxy]`` ``proxy``, ``health``, ``oidc``, ``certificates``,
-``upstream`` (and ``audit``); for ``[gateway]`` and ``[connect]`` their listeners.
+``upstream`` (and ``audit``); for ``[gateway]`` and ``[connect]`` their listeners;
+and always ``reload`` (SIGHUP).
 """
 
 from __future__ import annotations
@@ -67,4 +68,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         raise fail_startup(f"{config.path}: {e}", code=2)
     except AuditConfigError as e:
         raise fail_startup(str(e), code=2)
+    # systemctl reload (SIGHUP) re-reads every role's certificate; without a handler
+    # SIGHUP would end the daemon.
+    from banyan_kproxy.reload import add_sighup_reload
+
+    add_sighup_reload(parent, reactor)
     return parent

@@ -555,7 +555,7 @@ class ConnectRoleTests(SynchronousTestCase):
         """The role is one child, ``connect``, that binds the listen address when started."""
         reactor = MemoryReactorClock()
         service = self.make(self.files.ini("listen = 127.0.0.1:8443\nnext_hop = http://127.0.0.1:3128"), reactor)
-        self.assertEqual([s.name for s in service], ["connect"])
+        self.assertEqual([s.name for s in service], ["connect", "reload"])
         child = service.getServiceNamed("connect")
         child.privilegedStartService()
         child.startService()

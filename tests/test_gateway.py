@@ -413,7 +413,7 @@ class ServiceTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions(["--config", files.gateway_ini("a.example.com:443=10.0.0.1:443")])
         service = tap.makeService(options, reactor=MemoryReactorClock())
-        self.assertEqual([s.name for s in service], ["gateway-certificates", "gateway"])
+        self.assertEqual([s.name for s in service], ["gateway-certificates", "gateway", "reload"])
 
     def test_reuse_port(self) -> None:
         """

@@ -15,16 +15,18 @@ from typing import Any
 import treq
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent
 
-from banyan_kproxy.reload import SighupService
+from banyan_kproxy.reload import SighupService, add_sighup_reload
 from banyan_kproxy.testing.stack import LoopbackStack
-from banyan_kproxy.tls import https_policy
+from banyan_kproxy.tls import CertificateReloader, https_policy
 
 
 class _CallsAtOnce:
@@ -79,6 +81,59 @@ class SighupServiceTests(SynchronousTestCase):
         self.assertIs(signal.getsignal(signal.SIGHUP), before)
         os.kill(os.getpid(), signal.SIGHUP)
         self.assertEqual((calls, self.earlier), ([], [signal.SIGHUP]))
+
+
+class _Certificate:
+    """
+    Stands in for a `ServerTLS`: counts reloads.
+    """
+
+    def __init__(self) -> None:
+        self.reloads = 0
+
+    def reload(self) -> bool:
+        self.reloads += 1
+        return True
+
+
+class AddSighupReloadTests(SynchronousTestCase):
+    """
+    `add_sighup_reload`, which ``tap.makeService`` calls for every configuration.
+    """
+
+    def setUp(self) -> None:
+        previous = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+
+    def test_every_certificate(self) -> None:
+        """
+        The ``reload`` child re-reads the certificate of every certificate reloader
+        in the tree (the proxy's and the gateway's, nested or not) on SIGHUP.
+        """
+        proxy, gateway = _Certificate(), _Certificate()
+        parent = MultiService()
+        CertificateReloader(proxy, MemoryReactorClock()).setServiceParent(parent)
+        nested = MultiService()
+        nested.setServiceParent(parent)
+        CertificateReloader(gateway, MemoryReactorClock()).setServiceParent(nested)
+        reload = add_sighup_reload(parent, _CallsAtOnce())
+        self.assertIs(parent.getServiceNamed("reload"), reload)
+        reload.startService()
+        self.addCleanup(reload.stopService)
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual((proxy.reloads, gateway.reloads), (1, 1))
+
+    def test_no_certificates(self) -> None:
+        """
+        Without any TLS listener (the connect role) SIGHUP is still handled: it
+        does not end the process.
+        """
+        parent = MultiService()
+        reload = add_sighup_reload(parent, _CallsAtOnce())
+        self.assertEqual(reload.actions, [])
+        reload.startService()
+        self.addCleanup(reload.stopService)
+        self.assertTrue(callable(signal.getsignal(signal.SIGHUP)))
 
 
 def _served_common_name(port: int, ca_file: str) -> str:

@@ -1,7 +1,7 @@
 """
 The proxy role assembled: TLS listener, health listener, OIDC key refresher,
-certificate reloader (polling, and on SIGHUP), and the upstream connection pool,
-as named services.
+certificate reloader (polling; ``tap`` adds the SIGHUP reload for every role), and
+the upstream connection pool, as named services.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from banyan_kproxy.identity import OIDCVerifier
 from banyan_kproxy.proxy.resource import KubeProxyResource, ProxyMetrics
 from banyan_kproxy.proxy.site import ProxySite
 from banyan_kproxy.proxy.upstream import Upstream, quiet_pool
-from banyan_kproxy.reload import SighupService
 from banyan_kproxy.services import CallbackService, ListeningService
 from banyan_kproxy.tls import CertificateReloader, ServerTLS, https_policy, listen_tcp, listen_tls
 
@@ -96,8 +95,6 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
         *audit_parts,
         CallbackService("oidc", verifier.start, verifier.stop),
         reloader,
-        # systemctl reload: re-read the certificate now (audit reopens its log files).
-        SighupService("reload", [server_tls.reload], reactor),
         ListeningService(
             "proxy",
             f"the proxy on {proxy.listen}",
