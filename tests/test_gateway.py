@@ -39,7 +39,7 @@ from banyan_kproxy.testing.loopback import serve
 from banyan_kproxy.testing.stack import twistd_command
 from banyan_kproxy.tls import ServerTLS, TLSConfigError, https_policy
 from banyan_kproxy.tunnel import SpliceEnd
-from tests.test_kubectl import FORBIDDEN_SERVICES, StackTestCase
+from tests.test_kubectl import FORBIDDEN_SERVICES, StackTestCase, kubectl_binary
 from tests.test_tls import LogCapture, run
 
 LOOPBACK = "127.0.0.1"
@@ -960,10 +960,53 @@ class KubectlThroughGatewayTests(StackTestCase):
         connect = serve(reactor, connect_factory(load_config(ini), reactor))
         self.addCleanup(connect.stop)
         await self._chain(connect.url)
+        await self._exec_and_port_forward(connect.url)
+
+    async def _exec_and_port_forward(self, device_proxy: str) -> None:
+        """
+        ``kubectl exec`` and ``kubectl port-forward`` (an admin) through the same chain.
+        """
+        from twisted.web.client import Agent, readBody
+        from twisted.web.static import Data
+
+        from tests.test_kubectl_streams import _Kubectl
+
+        root = Resource()
+        root.putChild(b"", Data(b"behind port 80\n", "text/plain"))
+        web = serve(reactor, Site(root))
+        self.addCleanup(web.stop)
+        self.stack.standin.set_pod_port("web-1", 80, web.port_number)
+        kubeconfig = self.stack.write_kubeconfig(
+            "admin-kubeconfig",
+            {"admin": self.stack.token("admin@example.com", ["all-admins-corporate-device"])},
+            server="https://mykube.corp.example.com:8443",
+            proxy_url=device_proxy,
+        )
+        output, code = await self.kubectl(kubeconfig, "exec", "web-1", "--", "echo", "through the chain")
+        self.assertEqual((output, code), ("through the chain", 0))
+        binary = kubectl_binary(None)
+        protocol = _Kubectl(None)
+        process = reactor.spawnProcess(
+            protocol, binary, [binary, "port-forward", "pod/web-1", ":80"],
+            env={"HOME": self.home, "KUBECONFIG": kubeconfig, "PATH": os.environ.get("PATH", "")},
+        )
+        try:
+            pattern = rb"Forwarding from 127\.0\.0\.1:(\d+) -> 80"
+            await until(lambda: re.search(pattern, bytes(protocol.out)), "the forwarded port")
+            port = int(re.search(pattern, bytes(protocol.out)).group(1))
+            response = await Agent(reactor).request(
+                b"GET", f"http://127.0.0.1:{port}/".encode()
+            ).addTimeout(30, reactor)
+            self.assertEqual(await readBody(response), b"behind port 80\n")
+        finally:
+            if not protocol.ended.called:
+                process.signalProcess("TERM")
+                await protocol.ended.addTimeout(30, reactor)
 
     def test_kubectl_through_connect_service(self) -> None:
         """
         The whole path: kubectl -> the device-side connect service -> the gateway
-        daemon (mTLS) -> the proxy daemon -> the API stand-in.
+        daemon (mTLS) -> the proxy daemon -> the API stand-in, for get, exec and
+        port-forward.
         """
         return ensureDeferred(self._through_connect_service())
