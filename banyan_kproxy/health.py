@@ -19,6 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from twisted.web.server import Site
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
@@ -623,3 +624,14 @@ class _NotFound(Resource):
         404.
         """
         return _not_found(request)
+
+
+class QuietSite(Site):
+    """
+    A ``Site`` without the per-request access log line: the daemon logs what matters
+    (rejections, upstream failures) itself, and access lines for every request (or
+    every load-balancer probe of ``/ready``) would drown it.
+    """
+
+    def log(self, request: Any) -> None:
+        pass

@@ -969,7 +969,7 @@ class KubectlThroughGatewayTests(StackTestCase):
         from twisted.web.client import Agent, readBody
         from twisted.web.static import Data
 
-        from tests.test_kubectl_streams import _Kubectl
+        from tests.test_kubeapi_streams import KubectlProcess
 
         root = Resource()
         root.putChild(b"", Data(b"behind port 80\n", "text/plain"))
@@ -985,7 +985,7 @@ class KubectlThroughGatewayTests(StackTestCase):
         output, code = await self.kubectl(kubeconfig, "exec", "web-1", "--", "echo", "through the chain")
         self.assertEqual((output, code), ("through the chain", 0))
         binary = kubectl_binary(None)
-        protocol = _Kubectl(None)
+        protocol = KubectlProcess(None)
         process = reactor.spawnProcess(
             protocol, binary, [binary, "port-forward", "pod/web-1", ":80"],
             env={"HOME": self.home, "KUBECONFIG": kubeconfig, "PATH": os.environ.get("PATH", "")},

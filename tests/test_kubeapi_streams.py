@@ -686,7 +686,7 @@ def kubectl_binary(version: str) -> str:
     return path
 
 
-class _Kubectl(ProcessProtocol):
+class KubectlProcess(ProcessProtocol):
     """
     One kubectl run: stdin written and closed, stdout and stderr collected apart.
     """
@@ -781,11 +781,11 @@ class _KubectlTestCase(TestCase):
             }, f)
         return path
 
-    def spawn(self, *args: str, stdin: bytes | None = None, token: str = ADMIN_TOKEN) -> _Kubectl:
+    def spawn(self, *args: str, stdin: bytes | None = None, token: str = ADMIN_TOKEN) -> KubectlProcess:
         """
         Start kubectl (HOME in the test directory); the test stops it.
         """
-        protocol = _Kubectl(stdin)
+        protocol = KubectlProcess(stdin)
         env = {"HOME": os.path.join(self.directory, "home"), "PATH": os.environ.get("PATH", "")}
         argv = [self.binary, "--kubeconfig", self.kubeconfig(token), "--request-timeout=30s", *args]
         process = self.reactor.spawnProcess(protocol, self.binary, argv, env=env,

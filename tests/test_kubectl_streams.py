@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.web.client import Agent, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -20,33 +19,8 @@ from twisted.web.static import Data
 
 from banyan_kproxy.testing.stack import LoopbackStack
 
+from .test_kubeapi_streams import KubectlProcess
 from .test_kubectl import StackTestCase, kubectl_binary
-
-
-class _Kubectl(ProcessProtocol):
-    """
-    A kubectl process: stdin written at start (then closed), output collected.
-    """
-
-    def __init__(self, stdin: bytes | None) -> None:
-        self.stdin = stdin
-        self.out = bytearray()
-        self.err = bytearray()
-        self.ended: Deferred[int] = Deferred()
-
-    def connectionMade(self) -> None:
-        if self.stdin is not None:
-            self.transport.write(self.stdin)
-        self.transport.closeStdin()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(reason.value.exitCode)
 
 
 class _StreamTests(StackTestCase):
@@ -79,8 +53,8 @@ class _StreamTests(StackTestCase):
 
         return started.addCallback(populate)
 
-    def spawn(self, *args: str, stdin: bytes | None = None, context: str = "admin") -> _Kubectl:
-        protocol = _Kubectl(stdin)
+    def spawn(self, *args: str, stdin: bytes | None = None, context: str = "admin") -> KubectlProcess:
+        protocol = KubectlProcess(stdin)
         env = {"HOME": self.home, "KUBECONFIG": self.kubeconfig, "PATH": os.environ.get("PATH", "")}
         process = reactor.spawnProcess(
             protocol, self.binary,

@@ -130,9 +130,9 @@ def gateway_services(
         )
     )
     if gateway.health_listen is not None:
-        from banyan_kproxy.proxy.service import _QuietSite
+        from banyan_kproxy.health import QuietSite
 
-        health = _QuietSite(HealthResource(metrics, lambda: []))
+        health = QuietSite(HealthResource(metrics, lambda: []))
         health.displayTracebacks = False
         health_listen = gateway.health_listen
         services.append(

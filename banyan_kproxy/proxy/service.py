@@ -10,27 +10,15 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.web.client import Agent
-from twisted.web.server import Site
 
 from banyan_kproxy.config import Config
-from banyan_kproxy.health import HealthResource, Metrics
+from banyan_kproxy.health import HealthResource, Metrics, QuietSite
 from banyan_kproxy.identity import OIDCVerifier
 from banyan_kproxy.proxy.resource import KubeProxyResource, ProxyMetrics
 from banyan_kproxy.proxy.site import ProxySite
 from banyan_kproxy.proxy.upstream import Upstream, quiet_pool
 from banyan_kproxy.services import CallbackService, ListeningService
 from banyan_kproxy.tls import CertificateReloader, ServerTLS, https_policy, listen_tcp, listen_tls
-
-
-class _QuietSite(Site):
-    """
-    A ``Site`` without the per-request access log line: the proxy logs what matters
-    (rejections, upstream failures) itself, and access lines for every request (or
-    every load-balancer probe of ``/ready``) would drown it.
-    """
-
-    def log(self, request: Any) -> None:
-        pass
 
 
 def issuer_http_client(reactor: Any, ca_file: str | None) -> Any:
@@ -113,7 +101,7 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
         return problems
 
     if proxy.health_listen is not None:
-        health = _QuietSite(HealthResource(metrics, readiness))
+        health = QuietSite(HealthResource(metrics, readiness))
         health.displayTracebacks = False
         health_listen = proxy.health_listen
         services.append(
