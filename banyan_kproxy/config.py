@@ -42,6 +42,10 @@ class Address:
         return f"{self.host}:{self.port}"
 
 
+#: ``[proxy] drain_timeout`` when not set, seconds.
+DEFAULT_DRAIN_TIMEOUT = 20.0
+
+
 @frozen
 class ProxyConfig:
     """
@@ -53,6 +57,8 @@ class ProxyConfig:
     tls_key_file: str
     health_listen: Address | None = None
     reuse_port: bool = False
+    # On stop (SIGTERM): how long requests in flight and tunnels may take to finish.
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
 
 @frozen
@@ -97,6 +103,9 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     # Persistent connections kept per upstream host (at least the expected concurrency).
     max_connections: int = 256
+    # How often ``GET /readyz`` checks that the apiserver answers, for ``/ready``
+    # and ``/metrics``; 0 = only what requests see.
+    probe_interval: float = 5.0
 
 
 @frozen
@@ -438,7 +447,7 @@ class _Loader:
 
 
 _SECTIONS: dict[str, set[str]] = {
-    "proxy": {"listen", "tls_cert_file", "tls_key_file", "health_listen", "reuse_port"},
+    "proxy": {"listen", "tls_cert_file", "tls_key_file", "health_listen", "reuse_port", "drain_timeout"},
     "oidc": {
         "issuer_url", "client_id", "username_claim", "username_prefix", "groups_claim",
         "groups_prefix", "signing_algs", "required_claims", "ca_file",
@@ -446,7 +455,7 @@ _SECTIONS: dict[str, set[str]] = {
     },
     "upstream": {
         "server", "ca_file", "token_file", "client_cert_file", "client_key_file",
-        "response_header_timeout", "connect_timeout", "max_connections",
+        "response_header_timeout", "connect_timeout", "max_connections", "probe_interval",
     },
     "impersonation": {"client_ip", "extra", "allow_client_impersonation"},
     "token_passthrough": {
@@ -516,9 +525,10 @@ def _proxy(loader: _Loader) -> ProxyConfig | None:
     key = s.file("tls_key_file", required=True)
     health = s.get("health_listen", parse_address)
     reuse = s.get("reuse_port", parse_bool, default=False)
+    drain = s.get("drain_timeout", parse_duration, default=DEFAULT_DRAIN_TIMEOUT)
     if listen is None or cert is None or key is None:
         return None
-    return ProxyConfig(listen, cert, key, health, reuse)  # type: ignore[arg-type]
+    return ProxyConfig(listen, cert, key, health, reuse, drain)  # type: ignore[arg-type]
 
 
 def _oidc(loader: _Loader) -> OIDCConfig | None:
@@ -567,6 +577,7 @@ def _upstream(loader: _Loader, environ: Mapping[str, str], sa_dir: str) -> Upstr
         ),
         "connect_timeout": s.get("connect_timeout", parse_duration, defaults.connect_timeout),
         "max_connections": s.get("max_connections", parse_positive_int, defaults.max_connections),
+        "probe_interval": s.get("probe_interval", parse_duration, defaults.probe_interval),
     }
     if (cert is None) != (key is None) and s.raw("client_cert_file") and s.raw("client_key_file"):
         pass  # one of them failed to read; its problem is already recorded

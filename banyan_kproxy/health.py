@@ -29,6 +29,7 @@ __all__ = [
     "Gauge",
     "Histogram",
     "HealthResource",
+    "ReadinessWarning",
     "add_process_metrics",
     "DEFAULT_BUCKETS",
     "CONTENT_TYPE",
@@ -542,9 +543,18 @@ class _Live(_Leaf):
         return _plain(request, 200, "ok\n")
 
 
+class ReadinessWarning(str):
+    """
+    A readiness finding that does not fail ``/ready``: the daemon still serves, but
+    degraded (e.g. it keeps using signing keys it can no longer refresh).  A readiness
+    check returns these among its problems; plain strings are problems.
+    """
+
+
 class _Ready(_Leaf):
     """
-    ``/ready``: 200 when the readiness check finds no problem, else 503 listing them.
+    ``/ready``: 200 when the readiness check finds no problem, else 503 listing them;
+    warnings follow as ``warning: ...`` lines either way.
     """
 
     def __init__(self, readiness: Callable[[], list[str]]) -> None:
@@ -553,16 +563,18 @@ class _Ready(_Leaf):
 
     def answer(self, request: Any) -> bytes:
         """
-        ``ok``, or the problems one per line with a 503.
+        ``ok``, or the problems one per line with a 503; then any warnings.
         """
         try:
-            problems = list(self._readiness())
+            findings = list(self._readiness())
         except Exception as e:
             log.failure("The readiness check failed")
-            problems = [f"readiness check failed: {e}"]
-        if not problems:
-            return _plain(request, 200, "ok\n")
-        return _plain(request, 503, "".join(p.replace("\n", " ") + "\n" for p in problems))
+            findings = [f"readiness check failed: {e}"]
+        problems = [f for f in findings if not isinstance(f, ReadinessWarning)]
+        lines = problems or ["ok"]
+        lines += ["warning: " + f for f in findings if isinstance(f, ReadinessWarning)]
+        body = "".join(line.replace("\n", " ") + "\n" for line in lines)
+        return _plain(request, 503 if problems else 200, body)
 
 
 class _MetricsPage(_Leaf):
@@ -588,7 +600,8 @@ class HealthResource(Resource):
     The root of the health listener: ``/live``, ``/ready``, ``/metrics``; 404 elsewhere.
 
     ``readiness`` returns the reasons the daemon cannot serve yet (an empty list
-    when it can).  ``process_*`` metrics are added to what ``metrics`` holds.
+    when it can), and `ReadinessWarning` entries for what degrades it without
+    stopping it.  ``process_*`` metrics are added to what ``metrics`` holds.
     """
 
     def __init__(self, metrics: Metrics, readiness: Callable[[], list[str]]) -> None:

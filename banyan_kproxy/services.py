@@ -40,16 +40,28 @@ def fail_startup(message: str, code: int = 1) -> StartupError:
 
 class ListeningService(Service):
     """
-    Binds with ``listen()`` when the application starts; stops listening on stop.
+    Binds with ``listen()`` when the application starts; stops listening on stop,
+    then runs ``drain()`` (if given), which fires once the connections it had are
+    dealt with (`banyan_kproxy.proxy.drain`).  `when_stopped` lets other services
+    (the audit service) stop only after that.
     """
 
     log = Logger()
 
-    def __init__(self, name: str, description: str, listen: Callable[[], IListeningPort]) -> None:
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        listen: Callable[[], IListeningPort],
+        drain: Callable[[], Deferred[None]] | None = None,
+    ) -> None:
         self.name = name
         self.description = description
         self._listen = listen
+        self._drain = drain
         self.port: IListeningPort | None = None
+        self._stopping = False
+        self._stop_waiters: list[Deferred[None]] = []
 
     def privilegedStartService(self) -> None:
         try:
@@ -73,9 +85,34 @@ class ListeningService(Service):
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         port, self.port = self.port, None
-        if port is None:
+        self._stopping = True
+        stopped: Deferred[Any] = succeed(None) if port is None else maybeDeferred(port.stopListening)
+        if self._drain is not None:
+            drain = self._drain
+            stopped.addCallback(lambda _: drain())
+            stopped.addErrback(
+                lambda f: self.log.failure("Draining {description} failed", f, description=self.description)
+            )
+        stopped.addBoth(self._stopped)
+        return stopped
+
+    def _stopped(self, result: object) -> object:
+        self._stopping = False
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        return result
+
+    def when_stopped(self) -> Deferred[None]:
+        """
+        Fires once this service is stopped: at once unless it is running or its
+        stop (listening, then the drain) is still going on.
+        """
+        if not self.running and not self._stopping:
             return succeed(None)
-        return maybeDeferred(port.stopListening)
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)
+        return waiter
 
 
 class CallbackService(Service):

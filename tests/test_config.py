@@ -187,6 +187,22 @@ extra = team=platform, team=sre
         self.assertIn("[upstream] server: 'http://10.0.0.1:6443' is not an https:// URL", joined)
         self.assertIn("[upstream] response_header_timeout: 'soon' is not a duration", joined)
 
+    def test_probe_interval(self) -> None:
+        """
+        ``[upstream] probe_interval`` is a duration, 5 s by default, 0 switching the
+        probe off; anything else is refused naming the key.
+        """
+        def interval(text: str) -> float:
+            return load_config(self.files.write(text)).upstream.probe_interval
+
+        self.assertEqual(interval(MINIMAL), 5.0)
+        self.assertEqual(interval(MINIMAL + "probe_interval = 250ms\n"), 0.25)
+        self.assertEqual(interval(MINIMAL + "probe_interval = 0\n"), 0.0)
+        self.assertIn(
+            "[upstream] probe_interval: 'often' is not a duration",
+            "\n".join(self.problems(MINIMAL + "probe_interval = often\n")),
+        )
+
     def test_required_keys(self) -> None:
         """
         Missing required keys are named.

@@ -93,7 +93,7 @@ class StartupFailureTests(TestCase):
             self.assertEqual(
                 err.strip().splitlines(),
                 ["banyan-kproxy: configuration error:", f"  {path}: [proxy] colour: unknown key "
-                 "(known keys: health_listen, listen, reuse_port, tls_cert_file, tls_key_file)"],
+                 "(known keys: drain_timeout, health_listen, listen, reuse_port, tls_cert_file, tls_key_file)"],
             )
             self.assertNotIn("Traceback", out + err)
 

@@ -10,7 +10,7 @@ import time
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from banyan_kproxy.health import CONTENT_TYPE, HealthResource, Metrics
+from banyan_kproxy.health import CONTENT_TYPE, HealthResource, Metrics, ReadinessWarning
 
 
 class MetricsTests(SynchronousTestCase):
@@ -212,6 +212,19 @@ class HealthResourceTests(SynchronousTestCase):
         self.assertEqual(self.get("/ready")[::2], (503, b"JWKS not fetched yet\nupstream unreachable\n"))
         self.problems[:] = []
         self.assertEqual(self.get("/ready")[::2], (200, b"ok\n"))
+
+    def test_ready_warnings(self) -> None:
+        """
+        ``ReadinessWarning`` entries do not fail ``/ready``: alone they give 200 with
+        ``ok`` and a ``warning:`` line each; with problems, the 503 lists both.
+        """
+        self.problems[:] = [ReadinessWarning("oidc: keys are stale")]
+        self.assertEqual(self.get("/ready")[::2], (200, b"ok\nwarning: oidc: keys are stale\n"))
+        self.problems.insert(0, "upstream unreachable")
+        self.assertEqual(
+            self.get("/ready")[::2],
+            (503, b"upstream unreachable\nwarning: oidc: keys are stale\n"),
+        )
 
     def test_ready_check_raises(self) -> None:
         """

@@ -324,6 +324,28 @@ class LoadingTests(VerifierTestCase):
         self.assertIn("HTTP 500", verifier.last_error)
         self.accepted(verifier, self.token())
 
+    def test_failing_since(self) -> None:
+        """
+        ``failing_since`` is the time of the first failed fetch after a success and
+        ``fetch_failures`` counts every failure; both show the keys are stale until
+        a fetch succeeds again, which clears ``failing_since`` and ``last_error``.
+        """
+        verifier = self.make(jwks_refresh_interval=600)
+        self.assertEqual((verifier.failing_since, verifier.fetch_failures), (None, 0))
+        loaded = verifier.keys_loaded_at
+        self.issuer.discovery_status = 503
+        self.clock.advance(600)
+        first = self.clock.seconds()
+        self.clock.advance(1)
+        self.clock.advance(2)
+        self.assertEqual((verifier.failing_since, verifier.fetch_failures), (first, 3))
+        self.assertEqual(verifier.keys_loaded_at, loaded)
+        self.issuer.discovery_status = 200
+        self.clock.advance(4)
+        self.assertEqual((verifier.failing_since, verifier.last_error), (None, None))
+        self.assertEqual(verifier.fetch_failures, 3)
+        self.assertEqual(verifier.keys_loaded_at, self.clock.seconds())
+
     def test_bad_jwks_json_keeps_keys(self) -> None:
         """A JWKS that is not JSON keeps the old keys and is retried after a second."""
         verifier = self.make(jwks_refresh_interval=600)

@@ -22,6 +22,7 @@ __all__ = ["AuditMetrics", "DROP_REASONS"]
 DROP_REASONS = (
     "spool_full",  # the spool reached spool_max_bytes; the event was never accepted
     "backlog",  # more events waited for the disk than the buffer holds
+    "spool_error",  # the disk refused writes (ENOSPC, EIO) longer than the held buffer lasted
     "too_large",  # over truncate_max_event_size even without request/response objects
     "unencodable",  # could not be turned into JSON (a bug; logged with the event's auditID)
     "stopped",  # arrived after the audit service stopped

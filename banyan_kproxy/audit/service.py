@@ -7,7 +7,8 @@ starts (policy, webhook kubeconfig, certificates, at least one sink) and raises
 `AuditConfigError` with one line naming the file (and rule) otherwise.  The service
 locks and opens the spool directory in ``privilegedStartService`` (a spool another
 process uses, or a directory that cannot be made, stops the daemon with one line),
-recovers the spool in a thread on start, and on stop commits what is waiting,
+recovers the spool in a thread on start, and on stop (once the listeners feeding it
+have drained, `AuditService.stop_after`) commits what is waiting,
 gives each sink up to ``stop_timeout`` seconds to take what is in memory, and
 records the acknowledgements.  Nothing unacknowledged is lost by stopping: it stays
 in the spool for the next start.
@@ -81,6 +82,16 @@ class AuditService(Service):
         self._previous_sighup: Any = None
         self._sighup_handler: Any = None
         self._pumps_started = False
+        self._stop_after: list[Any] = []
+
+    def stop_after(self, service: Any) -> None:
+        """
+        Begin stopping only once ``service`` (a listener feeding this pipeline, with
+        ``when_stopped()``) has stopped and drained its requests: twistd stops
+        every service at once, and the events of drained requests must not arrive
+        after the spool is closed.
+        """
+        self._stop_after.append(service)
 
     @property
     def sinks(self) -> list[Any]:
@@ -197,6 +208,9 @@ class AuditService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._stop_after:
+            # Each listener's drain is bounded by its own drain_timeout.
+            await gatherResults([service.when_stopped() for service in self._stop_after])
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         deadline = self.reactor.seconds() + self.stop_timeout
@@ -344,6 +358,16 @@ def audit_services(
         max_pending=audit.batch_buffer_size,
         encode=functools.partial(encode_event, max_size=max_event),
         metrics=audit_metrics,
+        write_errors=metrics.counter(
+            "kproxy_audit_spool_write_errors_total",
+            "Writes to the audit spool the disk refused (group commits and acknowledgements), "
+            "by error: ENOSPC, EIO, EDQUOT, ...",
+            ("error",),
+        ),
+        write_failing=metrics.gauge(
+            "kproxy_audit_spool_write_failing",
+            "1 while the audit spool cannot be written and audit events wait in memory.",
+        ),
     )
     pumps = []
     for sink, batching in sinks:

@@ -33,6 +33,17 @@ When the spool holds ``spool_max_bytes``, new events are refused (not accepted):
 each refusal is counted in ``kproxy_audit_events_dropped_total{reason="spool_full"}``
 and the condition is logged loudly when it starts, every minute while it lasts, and
 when it ends.  Requests are never held up.
+
+When the disk refuses a write (``ENOSPC``, ``EDQUOT``, ``EIO``), the group is cut
+back off the segment and kept in memory, already encoded and in order, and the
+write is tried again every `COMMIT_RETRY_DELAY` seconds until it succeeds: a short
+outage loses nothing.  What is held is bounded by ``max_pending`` (events held plus
+new ones); beyond it new events are dropped and counted
+(``kproxy_audit_events_dropped_total{reason="spool_error"}``), as are the held ones
+if the spool is closed first.  Each failed write counts in
+``kproxy_audit_spool_write_errors_total{error}``, ``kproxy_audit_spool_write_failing``
+is 1 meanwhile, and the log says so when it starts (naming the directory and the
+errno), every minute while it lasts, and when it ends.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ from typing import Any, Protocol
 
 import attr
 from attr import frozen
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -141,6 +152,37 @@ class SpoolLocked(Exception):
     """
 
 
+class _WriteFailed(Exception):
+    """
+    (From the commit thread.) The disk refused a group: the events encoded for it,
+    to be written again as they are, and those dropped while encoding.
+    """
+
+    def __init__(
+        self,
+        error: OSError,
+        payloads: list[bytes],
+        too_large: list[str],
+        unencodable: list[str],
+        truncated: int,
+    ) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.payloads = payloads
+        self.too_large = too_large
+        self.unencodable = unencodable
+        self.truncated = truncated
+
+
+def describe_os_error(error: OSError) -> tuple[str, str]:
+    """
+    The errno's symbolic name (``ENOSPC``; ``unknown`` without one) and a
+    one-line description naming it.
+    """
+    name = errno.errorcode.get(error.errno, "unknown") if error.errno is not None else "unknown"
+    return name, f"{error.strerror or error} ({name})"
+
+
 def _frame(data: bytes) -> bytes:
     return b"%08x " % zlib.crc32(data) + data + b"\n"
 
@@ -182,6 +224,9 @@ class SegmentStore:
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._active: list[int] | None = None  # [base, size] of the segment being written
+        # The active segment holds bytes past its size that could not be cut off:
+        # the next group goes to a new segment.
+        self._sealed = False
 
     def _path(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -270,10 +315,14 @@ class SegmentStore:
                 rest = rest[start:]
 
     def _open_active(self, base: int, size: int) -> None:
+        fd = os.open(self._path(_segment_name(base)), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # Only once the new file is open: a failed open must not leave a closed
+        # descriptor number here, which the process may reuse for a socket.
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = os.open(self._path(_segment_name(base)), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = fd
         self._active = [base, size]
+        self._sealed = False
 
     def _fsync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -287,8 +336,12 @@ class SegmentStore:
         Write as many of ``payloads`` as ``room`` bytes allow, in order, then fsync.
 
         Returns the records written and how many payloads did not fit.  On an error
-        the segment is cut back to where it was and the error raised: nothing of the
-        group counts as written.
+        (``ENOSPC``, ``EIO``, ...) the segment is cut back to where it was and the
+        error raised: nothing of the group counts as written, and the whole group is
+        written again by the next try (not just fsync'd again: after a failed fsync
+        the kernel may have dropped the dirty pages).  If the cut fails too, the
+        segment is sealed at its real size: the torn bytes read back as one damaged
+        record and the next group starts a new segment.
         """
         frames = []
         used = 0
@@ -301,7 +354,7 @@ class SegmentStore:
         refused = len(payloads) - len(frames)
         if not frames:
             return [], refused
-        if self._active is None or self._active[1] >= self.segment_bytes:
+        if self._active is None or self._active[1] >= self.segment_bytes or self._sealed:
             end = 0 if self._active is None else self._active[0] + self._active[1]
             self._open_active(end, 0)
             self._fsync_directory()
@@ -311,14 +364,19 @@ class SegmentStore:
         try:
             view = memoryview(blob)
             while view:
-                written = os.write(self._fd, view)
+                written = self._write(self._fd, view)
                 view = view[written:]
             os.fsync(self._fd)
         except OSError:
             try:
-                os.ftruncate(self._fd, size)
+                self._truncate(self._fd, size)
             except OSError:
-                pass
+                try:
+                    real = os.fstat(self._fd).st_size
+                except OSError:
+                    real = size + len(blob)
+                self._active[1] = max(size, real)
+                self._sealed = True
             raise
         records = []
         offset = base + size
@@ -327,6 +385,18 @@ class SegmentStore:
             offset += len(frame)
         self._active[1] = size + len(blob)
         return records, refused
+
+    def _write(self, fd: int, data: memoryview) -> int:
+        """
+        One ``write(2)`` (tests replace it to fail like a full disk).
+        """
+        return os.write(fd, data)
+
+    def _truncate(self, fd: int, size: int) -> None:
+        """
+        Cut the segment back to ``size`` bytes after a failed write.
+        """
+        os.ftruncate(fd, size)
 
     def active(self) -> tuple[int, int] | None:
         """
@@ -402,9 +472,16 @@ class SegmentStore:
         """
         path = self._path(sink + ACK_SUFFIX)
         temporary = path + ".tmp"
-        with open(temporary, "wb") as f:
-            f.write(b"%d\n" % offset)
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "wb") as f:
+                f.write(b"%d\n" % offset)
+            os.replace(temporary, path)
+        except OSError:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
         """
@@ -445,8 +522,19 @@ class Spool:
     encode: _Encoder
     metrics: AuditMetrics
     log: Logger = attr.Factory(Logger)
+    # kproxy_audit_spool_write_errors_total{error} and kproxy_audit_spool_write_failing
+    # (registered by the audit service; None: not counted).
+    write_errors: Any = None
+    write_failing: Any = None
 
     _pending: list[dict[str, Any]] = attr.Factory(list)
+    # Events encoded for a group the disk refused, written first by the next try.
+    _unwritten: list[bytes] = attr.Factory(list)
+    _write_error: str | None = None
+    _write_error_since: float = 0.0
+    _write_error_logged_at: float = 0.0
+    _dropped_while_failing: int = 0
+    _ack_error_logged_at: float | None = None
     _commit_call: Any = None
     _committing: Deferred[None] | None = None
     _ready: bool = False
@@ -464,7 +552,9 @@ class Spool:
     _backlog_logged_at: float | None = None
 
     def __attrs_post_init__(self) -> None:
-        self.metrics.buffered.labels(queue="spool").set_function(lambda: len(self._pending))
+        self.metrics.buffered.labels(queue="spool").set_function(lambda: self.held)
+        if self.write_failing is not None:
+            self.write_failing.set_function(lambda: 0 if self._write_error is None else 1)
         self.metrics.spool_bytes.set_function(lambda: self.committed_end - self.oldest)
 
     @property
@@ -480,6 +570,21 @@ class Spool:
         Bytes of records on disk.
         """
         return self.committed_end - self.oldest
+
+    @property
+    def held(self) -> int:
+        """
+        Events in memory waiting for the disk (not yet accepted).
+        """
+        return len(self._pending) + len(self._unwritten)
+
+    @property
+    def write_error(self) -> str | None:
+        """
+        While writes to the spool fail: the last error, e.g. ``No space left on
+        device (ENOSPC)``.
+        """
+        return self._write_error
 
     def subscribe(self, reader: ISpoolReader) -> None:
         """
@@ -535,35 +640,51 @@ class Spool:
                 stage=event.get("stage"),
             )
             return
-        if len(self._pending) >= self.max_pending:
-            self.metrics.drop("backlog")
+        if self.held >= self.max_pending:
             now = self.clock.seconds()
+            failing = self._write_error is not None
+            self.metrics.drop("spool_error" if failing else "backlog")
+            if failing:
+                self._dropped_while_failing += 1
             if self._backlog_logged_at is None or now - self._backlog_logged_at >= FULL_LOG_INTERVAL:
                 self._backlog_logged_at = now
-                self.log.error(
-                    "Audit events are DROPPED: {n} events are waiting for the spool disk "
-                    "({directory}) to finish writing",
-                    n=len(self._pending),
-                    directory=self.store.directory,
-                )
+                if failing:
+                    self.log.critical(
+                        "Audit events are DROPPED: the audit spool {directory} cannot be "
+                        "written ({error}) and the {n} events held in memory are as many "
+                        "as batch_buffer_size allows",
+                        directory=self.store.directory,
+                        error=self._write_error,
+                        n=self.held,
+                    )
+                else:
+                    self.log.error(
+                        "Audit events are DROPPED: {n} events are waiting for the spool disk "
+                        "({directory}) to finish writing",
+                        n=self.held,
+                        directory=self.store.directory,
+                    )
             return
         self._pending.append(event)
         self._schedule_commit()
 
     def _schedule_commit(self) -> None:
         if (
-            self._pending
+            (self._pending or self._unwritten)
             and self._ready
             and self._committing is None
             and self._commit_call is None
         ):
             self._commit_call = self.clock.callLater(0, self._commit)
 
-    def _encode_and_append(self, events: list[dict[str, Any]], room: int) -> Appended:
+    def _encode_and_append(self, events: list[dict[str, Any]], room: int, encoded: Sequence[bytes] = ()) -> Appended:
         """
-        (In a thread.) Encode a group, write what fits, fsync.
+        (In a thread.) Encode a group, write what fits (after ``encoded``, events
+        a failed try already encoded), fsync.
+
+        @raise _WriteFailed: the disk refused the write.
         """
-        payloads = []
+        payloads = list(encoded)
         too_large = []
         unencodable = []
         truncated = 0
@@ -579,7 +700,10 @@ class Spool:
             if b'"audit.k8s.io/truncated":"true"' in data:
                 truncated += 1
             payloads.append(data)
-        records, refused = self.store.append(payloads, room)
+        try:
+            records, refused = self.store.append(payloads, room)
+        except OSError as e:
+            raise _WriteFailed(e, payloads, too_large, unencodable, truncated) from e
         active = self.store.active()
         return Appended(
             tuple(records), refused, tuple(too_large), tuple(unencodable), truncated,
@@ -588,14 +712,15 @@ class Spool:
 
     def _commit(self) -> None:
         self._commit_call = None
-        if not self._pending or self._committing is not None:
+        if not (self._pending or self._unwritten) or self._committing is not None:
             return
         group, self._pending = self._pending, []
+        encoded, self._unwritten = self._unwritten, []
         room = max(0, self.max_bytes - self.used_bytes)
         done: Deferred[None] = Deferred()
         self._committing = done
-        d = self.executor(self._encode_and_append, group, room)
-        d.addCallbacks(self._committed, self._commit_failed, errbackArgs=(group,))
+        d = self.executor(self._encode_and_append, group, room, encoded)
+        d.addCallbacks(self._committed, self._commit_failed, errbackArgs=(group, encoded))
         d.addErrback(lambda f: self.log.failure("Audit spool bookkeeping failed", f))
 
         def finished(_: object) -> None:
@@ -607,20 +732,9 @@ class Spool:
 
     def _committed(self, result: Appended) -> None:
         now = self.clock.seconds()
-        if result.too_large:
-            self.metrics.drop("too_large", len(result.too_large))
-            self.log.error(
-                "Audit events too large even without request/response objects, DROPPED: {ids}",
-                ids=", ".join(result.too_large),
-            )
-        if result.unencodable:
-            self.metrics.drop("unencodable", len(result.unencodable))
-            self.log.error(
-                "Audit events that cannot be encoded as JSON, DROPPED: {ids}",
-                ids=", ".join(result.unencodable),
-            )
-        if result.truncated:
-            self.metrics.truncated.inc(result.truncated)
+        if self._write_error is not None:
+            self._write_recovered(now)
+        self._count_encoding_drops(result.too_large, result.unencodable, result.truncated)
         for base, size in result.segments:
             if self._segments and self._segments[-1][0] == base:
                 self._segments[-1] = (base, size)
@@ -633,6 +747,22 @@ class Spool:
         if result.records:
             for reader in list(self._readers):
                 reader.offer(result.records)
+
+    def _count_encoding_drops(self, too_large: Sequence[str], unencodable: Sequence[str], truncated: int) -> None:
+        if too_large:
+            self.metrics.drop("too_large", len(too_large))
+            self.log.error(
+                "Audit events too large even without request/response objects, DROPPED: {ids}",
+                ids=", ".join(too_large),
+            )
+        if unencodable:
+            self.metrics.drop("unencodable", len(unencodable))
+            self.log.error(
+                "Audit events that cannot be encoded as JSON, DROPPED: {ids}",
+                ids=", ".join(unencodable),
+            )
+        if truncated:
+            self.metrics.truncated.inc(truncated)
 
     def _note_full(self, refused: int, now: float) -> None:
         if refused:
@@ -675,21 +805,90 @@ class Spool:
             for reader in self._readers
         ) or "no sinks"
 
-    def _commit_failed(self, failure: Failure, group: list[dict[str, Any]]) -> None:
-        self.log.failure(
-            "Audit spool {directory}: writing {n} events failed; retrying in {delay}s "
-            "(they are not accepted until written)",
-            failure,
-            directory=self.store.directory,
-            n=len(group),
-            delay=COMMIT_RETRY_DELAY,
-        )
-        merged = group + self._pending
-        self._pending = merged[: self.max_pending]
-        if len(merged) > len(self._pending):
-            self.metrics.drop("backlog", len(merged) - len(self._pending))
+    def _commit_failed(self, failure: Failure, group: list[dict[str, Any]], encoded: list[bytes]) -> None:
+        """
+        The disk refused the group (or something unexpected failed): keep it in
+        memory, in order, bounded by ``max_pending``, and try again in a second.
+        """
+        now = self.clock.seconds()
+        error = failure.value
+        if isinstance(error, _WriteFailed):
+            self._count_encoding_drops(error.too_large, error.unencodable, error.truncated)
+            self._unwritten = error.payloads + self._unwritten
+            self._note_write_error(error.error, now)
+        else:
+            self._unwritten = encoded + self._unwritten
+            self._pending = group + self._pending
+            if isinstance(error, OSError):
+                self._note_write_error(error, now)
+            else:
+                self.log.failure(
+                    "Audit spool {directory}: writing {n} events failed; retrying in {delay}s "
+                    "(they are not accepted until written)",
+                    failure,
+                    directory=self.store.directory,
+                    n=len(group) + len(encoded),
+                    delay=COMMIT_RETRY_DELAY,
+                )
+        over = self.held - self.max_pending
+        if over > 0:
+            # The newest go: what waited longest is written first when the disk is back.
+            cut = min(over, len(self._pending))
+            if cut:
+                del self._pending[len(self._pending) - cut:]
+            if over > cut:
+                del self._unwritten[len(self._unwritten) - (over - cut):]
+            failing = self._write_error is not None
+            self.metrics.drop("spool_error" if failing else "backlog", over)
+            if failing:
+                self._dropped_while_failing += over
         # `_schedule_commit` waits while this call is pending; `flush` may run it early.
         self._commit_call = self.clock.callLater(COMMIT_RETRY_DELAY, self._commit)
+
+    def _note_write_error(self, error: OSError, now: float) -> None:
+        """
+        Count a failed write and say so: loudly when it starts, every
+        `FULL_LOG_INTERVAL` while it lasts.
+        """
+        name, text = describe_os_error(error)
+        if self.write_errors is not None:
+            self.write_errors.labels(error=name).inc()
+        if self._write_error is None:
+            self._write_error_since = self._write_error_logged_at = now
+            self._dropped_while_failing = 0
+            self.log.critical(
+                "AUDIT SPOOL CANNOT BE WRITTEN: {directory}: {error}; audit events are held "
+                "in memory (at most batch_buffer_size={limit}, then DROPPED) and the write is "
+                "tried again every {delay:g}s; requests are not held up",
+                directory=self.store.directory,
+                error=text,
+                limit=self.max_pending,
+                delay=COMMIT_RETRY_DELAY,
+            )
+        elif now - self._write_error_logged_at >= FULL_LOG_INTERVAL:
+            self._write_error_logged_at = now
+            self.log.critical(
+                "AUDIT SPOOL STILL CANNOT BE WRITTEN after {seconds:.0f}s: {directory}: {error}; "
+                "{held} audit events held in memory, {dropped} DROPPED so far",
+                seconds=now - self._write_error_since,
+                directory=self.store.directory,
+                error=text,
+                held=self.held,
+                dropped=self._dropped_while_failing,
+            )
+        self._write_error = text
+
+    def _write_recovered(self, now: float) -> None:
+        self.log.warn(
+            "Audit spool {directory} can be written again after {seconds:.0f}s ({error}); "
+            "the audit events held in memory are written, {dropped} were dropped",
+            directory=self.store.directory,
+            seconds=now - self._write_error_since,
+            error=self._write_error,
+            dropped=self._dropped_while_failing,
+        )
+        self._write_error = None
+        self._dropped_while_failing = 0
 
     # -- reading and acknowledging --------------------------------------------
 
@@ -737,14 +936,36 @@ class Spool:
 
         def done(_: object) -> None:
             del self._ack_writing[name]
-            if self._acks.get(name) != self._ack_written.get(name):
+            # A newer offset arrived meanwhile: write it now.  After a failure the
+            # next acknowledgement (or the stop) tries again, not a busy loop.
+            if self._ack_written.get(name) == offset and self._acks.get(name) != offset:
                 self._write_ack(name)
 
-        d.addCallbacks(
-            written,
-            lambda f: self.log.failure("Writing the audit acknowledgement for {sink} failed", f, sink=name),
-        )
+        d.addCallbacks(written, self._ack_failed, errbackArgs=(name,))
         d.addBoth(done)
+
+    def _ack_failed(self, failure: Failure, name: str) -> None:
+        """
+        An acknowledgement could not be written: counted, logged at most every
+        `FULL_LOG_INTERVAL`; the next acknowledgement (or the stop) writes it again.
+        Until then the sink would see some events again after a restart.
+        """
+        if not isinstance(failure.value, OSError):
+            self.log.failure("Writing the audit acknowledgement for {sink} failed", failure, sink=name)
+            return
+        error_name, text = describe_os_error(failure.value)
+        if self.write_errors is not None:
+            self.write_errors.labels(error=error_name).inc()
+        now = self.clock.seconds()
+        if self._ack_error_logged_at is None or now - self._ack_error_logged_at >= FULL_LOG_INTERVAL:
+            self._ack_error_logged_at = now
+            self.log.error(
+                "Audit spool {directory}: the acknowledgement of {sink} cannot be written: "
+                "{error} (it is kept in memory and written again with the next one)",
+                directory=self.store.directory,
+                sink=name,
+                error=text,
+            )
 
     def _collect(self) -> None:
         if self._deleting or len(self._segments) < 2 or not self._readers:
@@ -774,17 +995,29 @@ class Spool:
     def flush(self) -> Deferred[None]:
         """
         Commit everything waiting now (and anything that arrives meanwhile).
+
+        While the disk refuses writes this makes one more try and returns: the
+        events stay in memory (the stop counts them as dropped if it gets no further).
         """
-        if self._commit_call is not None and self._commit_call.active() and self._committing is None:
-            self._commit_call.cancel()
+        return Deferred.fromCoroutine(self._flush())
+
+    async def _flush(self) -> None:
+        tried_failing = False
+        # Bounded: each round either waits for a commit or starts one.
+        for _ in range(10000):
+            if self._committing is not None:
+                await observe(self._committing)
+                continue
+            if not (self._pending or self._unwritten) or not self._ready:
+                return
+            if self._write_error is not None:
+                if tried_failing:
+                    return
+                tried_failing = True
+            if self._commit_call is not None and self._commit_call.active():
+                self._commit_call.cancel()
             self._commit_call = None
             self._commit()
-        if self._committing is not None:
-            return observe(self._committing).addCallback(lambda _: self.flush())
-        if self._pending and self._ready:
-            self._commit()
-            return self.flush()
-        return succeed(None)
 
     def close(self) -> Deferred[None]:
         """
@@ -797,13 +1030,15 @@ class Spool:
         if self._commit_call is not None and self._commit_call.active():
             self._commit_call.cancel()
         self._commit_call = None
-        if self._pending:
-            self.metrics.drop("stopped", len(self._pending))
-            self.log.error(
-                "Audit service stopped with {n} events not yet written to the spool: DROPPED",
-                n=len(self._pending),
+        if self.held:
+            failing = self._write_error is not None
+            self.metrics.drop("spool_error" if failing else "stopped", self.held)
+            self.log.critical(
+                "Audit service stopped with {n} events not yet written to the spool{why}: DROPPED",
+                n=self.held,
+                why=f" ({self.store.directory}: {self._write_error})" if failing else "",
             )
-            self._pending = []
+            self._pending, self._unwritten = [], []
         for _ in range(100):
             writing = list(self._ack_writing.values())
             if writing:

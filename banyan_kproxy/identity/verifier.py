@@ -175,6 +175,11 @@ class OIDCVerifier:
         self.last_error: str | None = None
         #: When the keys were last loaded (clock time), ``None`` until then.
         self.keys_loaded_at: float | None = None
+        #: When fetches began failing (clock time of the first failure since the
+        #: last success), ``None`` while the last fetch succeeded.
+        self.failing_since: float | None = None
+        #: Discovery or JWKS loads that failed.
+        self.fetch_failures = 0
         #: JWKS fetches attempted.
         self.jwks_fetches = 0
 
@@ -298,14 +303,20 @@ class OIDCVerifier:
         except CancelledError:
             raise
         except FetchProblem as e:
-            self.last_error = str(e)
-            return self.last_error
+            return self._failed(str(e))
         except Exception:
             self.log.failure("Unexpected error loading signing keys")
-            self.last_error = "unexpected error loading signing keys (see log)"
-            return self.last_error
+            return self._failed("unexpected error loading signing keys (see log)")
         self.last_error = None
+        self.failing_since = None
         return None
+
+    def _failed(self, problem: str) -> str:
+        self.last_error = problem
+        self.fetch_failures += 1
+        if self.failing_since is None:
+            self.failing_since = self._clock.seconds()
+        return problem
 
     async def _discover(self) -> str:
         url = self._discovery_url

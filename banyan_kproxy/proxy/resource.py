@@ -11,7 +11,7 @@ that goes away cancels its upstream request.
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Any
 
 import attr
@@ -33,6 +33,7 @@ from banyan_kproxy.config import ImpersonationConfig
 from banyan_kproxy.health import Metrics
 from banyan_kproxy.identity import Identity, TokenRejected
 from banyan_kproxy.proxy import headers as policy
+from banyan_kproxy.proxy.drain import StreamFraming
 from banyan_kproxy.proxy.upgrade import (
     BodyReader,
     UpstreamUpgrade,
@@ -43,6 +44,7 @@ from banyan_kproxy.proxy.upgrade import (
     take_over,
 )
 from banyan_kproxy.proxy.upstream import CredentialError, Upstream
+from banyan_kproxy.requestinfo import parse_request
 from banyan_kproxy.tunnel import Splice, SpliceEnd
 from banyan_kproxy.status import status_body
 
@@ -51,6 +53,9 @@ _STATUS_KEEP = 16 * 1024
 
 #: Statuses whose responses never carry a body.
 _NO_BODY = {204, 304}
+
+#: Label combinations `ProxyMetrics` keeps at hand (methods come from clients).
+_MAX_CACHED_SERIES = 256
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -72,6 +77,31 @@ class ProxyMetrics:
     tunnels: Any
     open_tunnels: Any
     tunnel_bytes: Any
+    # Label values -> child series, so counting a request is a dictionary lookup.
+    _children: dict[tuple[Any, ...], Any] = attr.ib(factory=dict, init=False, repr=False, eq=False)
+
+    def count_request(self, method: bytes, code: int) -> None:
+        """
+        Count one answered request (``kproxy_requests_total``).
+        """
+        child = self._children.get((method, code))
+        if child is None:
+            child = self.requests.labels(method=_method_label(method), code=str(code))
+            if len(self._children) < _MAX_CACHED_SERIES:
+                self._children[(method, code)] = child
+        child.inc()
+
+    def count_verification(self, outcome: str, reason: str = "") -> None:
+        """
+        Count one token verification (``kproxy_token_verifications_total``).
+        """
+        key = ("verification", outcome, reason)
+        child = self._children.get(key)
+        if child is None:
+            child = self.verifications.labels(outcome=outcome, reason=reason)
+            if len(self._children) < _MAX_CACHED_SERIES:
+                self._children[key] = child
+        child.inc()
 
     @classmethod
     def create(cls, metrics: Metrics) -> ProxyMetrics:
@@ -121,6 +151,19 @@ class ProxyMetrics:
         )
 
 
+#: The RFC 4122 variant digit for each value of a random hex digit.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def new_audit_id() -> str:
+    """
+    A random (version 4) UUID for a request's ``Audit-ID``, as ``str(uuid.uuid4())``
+    gives, in half its time.
+    """
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
 def _peer_ip(request: Request) -> str | None:
     peer = request.getClientAddress()
     return getattr(peer, "host", None)
@@ -144,6 +187,8 @@ class _BodyRelay(Protocol):
         self.request = request
         self.finished = finished
         self.client_gone = False
+        # Ended by the drain between two events (`_WatchRelay`).
+        self.ended = False
         self.reason: Failure | None = None
         # The first ``keep`` bytes of the body are kept (for the audit record).
         self.keep = keep
@@ -173,6 +218,45 @@ class _BodyRelay(Protocol):
             self.transport.stopProducing()
 
 
+class _WatchRelay(_BodyRelay):
+    """
+    A watch's body relay that the drain (`banyan_kproxy.proxy.drain`) can end
+    cleanly between two events: ``ended`` tells `_relay` to finish the response.
+    """
+
+    def __init__(self, request: Request, finished: Deferred[None], keep: int, framing: Any) -> None:
+        super().__init__(request, finished, keep)
+        self.framing = framing
+        self.ending = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.ending:
+            cut = self.framing.boundary_in(data)
+            if cut is not None:
+                super().dataReceived(data[:cut])
+                self._end_here()
+                return
+        elif self.ended:
+            return
+        self.framing.feed(data)
+        super().dataReceived(data)
+
+    def end(self) -> None:
+        """
+        End the watch after the event in progress (at once between events).
+        """
+        if self.ended or self.client_gone:
+            return
+        self.ending = True
+        if self.framing.at_boundary:
+            self._end_here()
+
+    def _end_here(self) -> None:
+        self.ending, self.ended = False, True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
 @attr.s(auto_attribs=True)
 class _Call:
     """
@@ -182,7 +266,7 @@ class _Call:
     request: Request
     started: float
     peer: str | None
-    audit_id: str = attr.Factory(lambda: str(uuid.uuid4()))
+    audit_id: str = attr.Factory(new_audit_id)
     websocket: bool = False
     ws_token: bool = False
     ws_protocols: list[bytes] = attr.Factory(list)
@@ -212,6 +296,8 @@ class KubeProxyResource(Resource):
     authorizer: Any = None
     # Audit events ([audit]); the null auditor records nothing.
     auditor: Any = attr.Factory(NullAuditor)
+    # The graceful stop (banyan_kproxy.proxy.drain.Drain): told about watches and tunnels.
+    drain: Any = None
     isLeaf = True
     log = Logger()
 
@@ -275,6 +361,10 @@ class KubeProxyResource(Resource):
         The call's audit record, begun now if it was not yet.
         """
         if call.record is None:
+            if not getattr(self.auditor, "enabled", True):
+                # No [audit] section: nothing to gather for the record.
+                call.record = self.auditor.begin()
+                return call.record
             request = call.request
             agent = request.requestHeaders.getRawHeaders(b"user-agent", [None])[0]
             call.record = self.auditor.begin(
@@ -290,7 +380,7 @@ class KubeProxyResource(Resource):
         return call.record
 
     def _count(self, request: Request, code: int, started: float) -> None:
-        self.metrics.requests.labels(method=_method_label(request.method), code=str(code)).inc()
+        self.metrics.count_request(request.method, code)
         self.metrics.latency.observe(self.clock.seconds() - started)
 
     async def _authenticate(self, call: _Call) -> Identity | TokenRejected:
@@ -335,7 +425,7 @@ class KubeProxyResource(Resource):
             return
         result = await self._authenticate(call)
         if isinstance(result, TokenRejected):
-            self.metrics.verifications.labels(outcome="rejected", reason=result.reason).inc()
+            self.metrics.count_verification("rejected", result.reason)
             self.log.info(
                 "401 {method} {path} from {peer}: token rejected ({reason}): {detail}",
                 method=request.method.decode("ascii", "replace"),
@@ -346,9 +436,7 @@ class KubeProxyResource(Resource):
             )
             self._error(request, 401, "Unauthorized", started, call=call)
             return
-        self.metrics.verifications.labels(
-            outcome="passthrough" if call.passthrough else "accepted", reason=""
-        ).inc()
+        self.metrics.count_verification("passthrough" if call.passthrough else "accepted")
         call.identity = result
         if not await self._impersonation(call):
             return
@@ -458,7 +546,7 @@ class KubeProxyResource(Resource):
         try:
             pending = self.upstream.request(
                 request.method, request.uri, headers, body, call.audit_id,
-                credential=not call.passthrough,
+                credential=not call.passthrough, reuse_headers=True,
             )
         except CredentialError as e:
             self.log.error("Cannot forward: {error}", error=str(e))
@@ -536,8 +624,12 @@ class KubeProxyResource(Resource):
             upstream.transport.write(early)
         self.metrics.open_tunnels.inc()
         opened = self.clock.seconds()
+        if self.drain is not None:
+            self.drain.tunnel_opened(request.channel, client, upstream)
 
         def closed(splice: Splice) -> None:
+            if self.drain is not None:
+                self.drain.tunnel_closed(client)
             record.response_complete(101, self.clock.seconds())
             self.metrics.open_tunnels.dec()
             sent, received = splice.left.received, splice.right.received
@@ -636,8 +728,7 @@ class KubeProxyResource(Resource):
             record.response_complete(499, self.clock.seconds(), None, "client went away")
             return
         request.setResponseCode(response.code, response.phrase)
-        for name, values in policy.downstream_response_headers(response.headers).getAllRawHeaders():
-            request.responseHeaders.setRawHeaders(name, list(values))
+        policy.copy_downstream_response_headers(response.headers, request.responseHeaders)
         no_body = request.method == b"HEAD" or response.code in _NO_BODY or 100 <= response.code < 200
         if response.length is not UNKNOWN_LENGTH:
             # Twisted's client drops Content-Length; set it again so the client
@@ -660,24 +751,34 @@ class KubeProxyResource(Resource):
             keep = _STATUS_KEEP
         else:
             keep = 0
-        relay = _BodyRelay(request, finished, keep)
+        relay = self._watch_relay(request, response, finished, keep) if streaming else None
+        if relay is None:
+            relay = _BodyRelay(request, finished, keep)
         client_gone = request.notifyFinish()
         client_gone.addErrback(lambda _: relay.stop())
         if streaming:
             self.metrics.open_streams.inc()
+            # Send the head now, as kube-apiserver flushes a watch's head at once:
+            # twisted.web would hold it until the first event, and a client (client-go's
+            # Watch()) waits for the head before it reads any event.
+            request.write(b"")
         try:
             response.deliverBody(relay)
+            if isinstance(relay, _WatchRelay):
+                self.drain.watch_started(relay)
             await finished
         finally:
             if streaming:
                 self.metrics.open_streams.dec()
+            if isinstance(relay, _WatchRelay):
+                self.drain.watch_ended(relay)
         if relay.client_gone or request._disconnected:
             record.response_complete(response.code, self.clock.seconds(), None, "client went away")
             return
         reason = relay.reason
         assert reason is not None
-        if reason.check(ResponseDone) or (
-            reason.check(PotentialDataLoss) and response.length is UNKNOWN_LENGTH
+        if relay.ended or isinstance(reason.value, ResponseDone) or (
+            isinstance(reason.value, PotentialDataLoss) and response.length is UNKNOWN_LENGTH
         ):
             request.finish()
             record.response_complete(
@@ -694,6 +795,22 @@ class KubeProxyResource(Resource):
             error=_describe(reason.value),
         )
         _abort(request)
+
+    def _watch_relay(
+        self, request: Request, response: IResponse, finished: Deferred[None], keep: int
+    ) -> _WatchRelay | None:
+        """
+        A relay the drain can end between events, for a watch whose framing is known.
+        """
+        if self.drain is None or parse_request(
+            request.method.decode("ascii", "replace"), request.uri.decode("ascii", "replace")
+        ).verb != "watch":
+            return None
+        framing = StreamFraming.for_response(
+            response.headers.getRawHeaders(b"content-type", [None])[0],
+            response.headers.getRawHeaders(b"content-encoding", [None])[0],
+        )
+        return None if framing is None else _WatchRelay(request, finished, keep, framing)
 
 
 def _abort(request: Request) -> None:

@@ -14,7 +14,9 @@ from twisted.web.client import Agent
 from banyan_kproxy.config import Config
 from banyan_kproxy.health import HealthResource, Metrics, QuietSite
 from banyan_kproxy.identity import OIDCVerifier
+from banyan_kproxy.proxy.drain import Drain
 from banyan_kproxy.proxy.resource import KubeProxyResource, ProxyMetrics
+from banyan_kproxy.proxy.probe import IssuerHealth, UpstreamHealth
 from banyan_kproxy.proxy.site import ProxySite
 from banyan_kproxy.proxy.upstream import Upstream, quiet_pool
 from banyan_kproxy.services import CallbackService, ListeningService
@@ -48,7 +50,13 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
             config.upstream.client_key_file,
         ),
     )
+    # /ready and /metrics follow the apiserver (probes and what requests see) and the issuer.
+    upstream_health = UpstreamHealth(upstream, reactor, config.upstream.probe_interval)
+    upstream_health.observe_requests()
+    upstream_health.register_metrics(metrics)
     verifier = OIDCVerifier(config.oidc, issuer_http_client(reactor, config.oidc.ca_file), reactor)
+    issuer_health = IssuerHealth(verifier, reactor)
+    issuer_health.register_metrics(metrics)
     reviewer = authorizer = None
     if config.token_passthrough.enabled:
         from banyan_kproxy.identity.tokenreview import TokenReviewer
@@ -61,6 +69,8 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
     from banyan_kproxy.audit.service import audit_services
 
     auditor, audit_parts = audit_services(config, reactor, metrics)
+    # The graceful stop: the listener drains what it has before the daemon goes on stopping.
+    drain = Drain(reactor, config.proxy.drain_timeout)
     resource = KubeProxyResource(
         verifier=verifier,
         upstream=upstream,
@@ -70,35 +80,47 @@ def proxy_services(config: Config, reactor: Any, metrics: Metrics) -> list[Any]:
         reviewer=reviewer,
         authorizer=authorizer,
         auditor=auditor,
+        drain=drain,
     )
     # Request heads and bodies are read within deadlines, bodies are bounded.
     site = ProxySite(resource, reactor=reactor)
     site.displayTracebacks = False
+    site.drain = drain
     proxy = config.proxy
     reloader = CertificateReloader(server_tls, reactor)
     reloader.setName("certificates")
+
+    def stop_upstream() -> Any:
+        upstream_health.stop()
+        return upstream.close()
+
+    listener = ListeningService(
+        "proxy",
+        f"the proxy on {proxy.listen}",
+        lambda: listen_tls(reactor, proxy.listen, site, server_tls, reuse_port=proxy.reuse_port),
+        drain=drain.drain,
+    )
+    for part in audit_parts:
+        # twistd stops every service at once: the audit service waits for the
+        # listener's drain, so the drained requests' events are spooled and flushed.
+        part.stop_after(listener)
     services: list[Any] = [
         # Audit first: it recovers its spool before the listener starts, and it stops
         # (with a final flush) after the listener has stopped taking requests.
         *audit_parts,
         CallbackService("oidc", verifier.start, verifier.stop),
         reloader,
-        ListeningService(
-            "proxy",
-            f"the proxy on {proxy.listen}",
-            lambda: listen_tls(reactor, proxy.listen, site, server_tls, reuse_port=proxy.reuse_port),
-        ),
-        CallbackService("upstream", lambda: None, upstream.close),
+        listener,
+        CallbackService("upstream", upstream_health.start, stop_upstream),
     ]
 
     def readiness() -> list[str]:
-        problems = []
-        if not verifier.ready:
-            problems.append(
-                "oidc: signing keys not loaded"
-                + (f" ({verifier.last_error})" if verifier.last_error else "")
-            )
-        return problems
+        # Problems fail /ready; the issuer's stale keys are a ReadinessWarning only.
+        findings = issuer_health.findings()
+        upstream_problem = upstream_health.problem()
+        if upstream_problem is not None:
+            findings.append(upstream_problem)
+        return findings
 
     if proxy.health_listen is not None:
         health = QuietSite(HealthResource(metrics, readiness))

@@ -11,6 +11,9 @@ arrive whole and may be at most `MAX_REQUEST_BODY` bytes (kube-apiserver's own l
 Twisted would otherwise spool any size to a temporary file, before the request is
 authenticated.  A connection over a deadline is closed; an oversized body gets a
 ``413`` ``Status`` and the connection is closed.
+
+With a `Drain` (``site.drain``) the site reports every connection and request head
+to it, so that stopping the daemon can drain them (`banyan_kproxy.proxy.drain`).
 """
 
 from __future__ import annotations
@@ -94,17 +97,21 @@ class _DeadlineProtocol(proxyForInterface(IProtocol, "_wrapped")):  # type: igno
     """
     The HTTP channel (Twisted's ALPN switcher around ``HTTPChannel``) with a read
     deadline started when the connection is made and when a request's first byte
-    arrives.
+    arrives; the connection's start and end are reported to the site's drain.
     """
 
-    def __init__(self, wrapped: Any, deadline: _ReadDeadline) -> None:
+    def __init__(self, wrapped: Any, deadline: _ReadDeadline, drain: Any = None, channel: Any = None) -> None:
         self._wrapped = wrapped
         self._deadline = deadline
+        self._drain = drain
+        self._channel = channel
 
     def makeConnection(self, transport: Any) -> None:
         self._deadline.transport = transport
         self._deadline.arm()
         self._wrapped.makeConnection(transport)
+        if self._drain is not None:
+            self._drain.connection_made(self._channel)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._deadline.in_request:
@@ -115,6 +122,8 @@ class _DeadlineProtocol(proxyForInterface(IProtocol, "_wrapped")):  # type: igno
         self._deadline.disarm()
         self._deadline.transport = None
         self._wrapped.connectionLost(reason)
+        if self._drain is not None:
+            self._drain.connection_lost(self._channel)
 
     def logPrefix(self) -> str:
         """
@@ -148,6 +157,9 @@ class ProxyRequest(Request):
             deadline.in_request = True
             deadline.arm(deadline.body_timeout)
             self.notifyFinish().addBoth(deadline.request_done)
+        drain = getattr(getattr(self.channel, "site", None), "drain", None)
+        if drain is not None:
+            drain.request_started(self)
         if length is not None and length > self._limit():
             self.content = BytesIO()
             self._refuse_body()
@@ -206,13 +218,15 @@ class ProxySite(Site):
     (the proxy logs what matters, rejections and upstream failures, itself).
 
     ``header_timeout``, ``body_timeout`` and ``max_request_body`` may be set per site
-    (tests use small ones).
+    (tests use small ones); ``drain`` is the `Drain` told about connections and
+    requests (None: no drain).
     """
 
     requestFactory = ProxyRequest
     header_timeout = HEADER_TIMEOUT
     body_timeout = BODY_TIMEOUT
     max_request_body = MAX_REQUEST_BODY
+    drain: Any = None
 
     def log(self, request: Any) -> None:
         pass
@@ -223,4 +237,4 @@ class ProxySite(Site):
         # Twisted wraps HTTPChannel in an ALPN switcher; requests see the channel.
         channel = getattr(protocol, "_channel", protocol)
         channel.read_deadline = deadline
-        return _DeadlineProtocol(protocol, deadline)
+        return _DeadlineProtocol(protocol, deadline, self.drain, channel)

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from attr import define, evolve, field, frozen
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, TimeoutError, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
@@ -782,6 +782,9 @@ class KubeAPIStandIn:
         self.service_accounts: set[tuple[str, str]] = set()
         self.rbac = RBAC.from_yaml(*rbac_yaml)
         self.requests: list[RecordedRequest] = []
+        #: Requests to /healthz, /livez and /readyz (health probes, such as the
+        #: proxy's), kept apart so that they do not count as API traffic.
+        self.health_checks: list[RecordedRequest] = []
         self.client_certificates = client_certificates
         self.anonymous = anonymous
         self.git_version = git_version
@@ -799,6 +802,11 @@ class KubeAPIStandIn:
         self._forwards: list[PortForward] = []
         #: Every exec, attach and port-forward session served, in order.
         self.sessions: list[StreamSession] = []
+        #: A slow apiserver: requests for a path (without the query) in here are
+        #: answered that many seconds after they arrive (on ``clock``), or when
+        #: `release_delayed` is called.
+        self.response_delays: dict[str, float] = {}
+        self._delayed_calls: list[Any] = []
         for namespace in namespaces:
             self.add_namespace(namespace)
 
@@ -820,6 +828,22 @@ class KubeAPIStandIn:
         A `twisted.web` resource serving the API at every path: ``Site(standin.resource())``.
         """
         return _KubeAPIResource(self)
+
+    @property
+    def delayed(self) -> int:
+        """
+        How many requests delayed by ``response_delays`` wait for their answer now.
+        """
+        self._delayed_calls = [call for call in self._delayed_calls if call.active()]
+        return len(self._delayed_calls)
+
+    def release_delayed(self) -> None:
+        """
+        Answer every delayed request now.
+        """
+        for call in self._delayed_calls:
+            if call.active():
+                call.reset(0)
 
     @property
     def resource_version(self) -> str:
@@ -1175,22 +1199,24 @@ class KubeAPIStandIn:
 
     def _record(self, call: _Call, code: int) -> None:
         user = call.user
-        self.requests.append(
-            RecordedRequest(
-                method=call.method,
-                path=call.raw_path,
-                query=call.query,
-                args=call.args,
-                headers=call.headers,
-                body=call.body,
-                requester=call.requester,
-                user=user.name if user else None,
-                groups=user.groups if user else (),
-                extra=user.extra if user else (),
-                uid=user.uid if user else "",
-                code=code,
-            )
+        recorded = RecordedRequest(
+            method=call.method,
+            path=call.raw_path,
+            query=call.query,
+            args=call.args,
+            headers=call.headers,
+            body=call.body,
+            requester=call.requester,
+            user=user.name if user else None,
+            groups=user.groups if user else (),
+            extra=user.extra if user else (),
+            uid=user.uid if user else "",
+            code=code,
         )
+        if call.path.rstrip("/") in ("/healthz", "/livez", "/readyz"):
+            self.health_checks.append(recorded)
+            return
+        self.requests.append(recorded)
         _log.info(
             "{method} {uri} as {user!r} -> {code}",
             method=call.method,
@@ -2083,9 +2109,24 @@ class _KubeAPIResource(Resource):
 
     def render(self, request: Request) -> bytes | int:
         """
-        Serve one request (any method, any path).
+        Serve one request (any method, any path), later for a path in
+        ``response_delays``.
         """
-        return self._standin._render(request)
+        standin = self._standin
+        delay = standin.response_delays.get(request.path.decode("latin-1"))
+        if not delay:
+            return standin._render(request)
+
+        def answer() -> None:
+            if request._disconnected:
+                return
+            body = standin._render(request)
+            if body is not NOT_DONE_YET:
+                request.write(body)  # type: ignore[arg-type]
+                request.finish()
+
+        standin._delayed_calls.append(standin.clock.callLater(delay, answer))
+        return NOT_DONE_YET
 
 
 # -- listening on loopback -------------------------------------------------------------
@@ -2121,13 +2162,36 @@ class Listening:
         """
         return self.served.url
 
-    def stop(self) -> Deferred[None]:
+    def stop(self, graceful: bool = False, grace: float = 5.0) -> Deferred[None]:
         """
         End the watches, stop listening, abort open connections (and the loopback
-        connections of port-forwards) and wait for them.
+        connections of port-forwards) and wait for them: a crash, as clients see it.
+
+        ``graceful`` stops as a kube-apiserver shutting down does instead: every watch
+        and ``logs -f`` stream ends with its final chunk, and each connection closes
+        once what it was sent has gone out (aborted after ``grace`` seconds).
         """
+        if not graceful:
+            self.standin.close_watches()
+            return self.served.stop().addCallback(lambda _: self.standin.close_streams())
+        return Deferred.fromCoroutine(self._stop_gracefully(grace))
+
+    async def _stop_gracefully(self, grace: float) -> None:
+        stopped = maybeDeferred(self.served.port.stopListening)
         self.standin.close_watches()
-        return self.served.stop().addCallback(lambda _: self.standin.close_streams())
+        factory = self.served.factory
+        for protocol in list(factory.protocols):
+            protocol.transport.loseConnection()
+        idle = factory.when_idle()
+        idle.addTimeout(grace, self.standin.clock)
+        try:
+            await idle
+        except TimeoutError:
+            for protocol in list(factory.protocols):
+                protocol.transport.abortConnection()
+            await factory.when_idle()
+        await stopped
+        self.standin.close_streams()
 
 
 def listen(

@@ -109,6 +109,7 @@ class _DaemonProtocol(protocol.ProcessProtocol):
         self.ports: dict[str, int] = {}
         self.listening: Deferred[None] = Deferred()
         self.ended: Deferred[int] = Deferred()
+        self.exit_signal: int | None = None
 
     def outReceived(self, data: bytes) -> None:
         self.output = (self.output + data)[-self.KEEP:]
@@ -127,6 +128,8 @@ class _DaemonProtocol(protocol.ProcessProtocol):
     def processEnded(self, reason: Any) -> None:
         self.log_file.close()
         code = getattr(reason.value, "exitCode", None)
+        # twistd stopped by SIGTERM ends by re-raising it once it has shut down.
+        self.exit_signal = getattr(reason.value, "signal", None)
         if not self.listening.called:
             self.listening.errback(
                 RuntimeError(f"the daemon exited ({code}) before listening:\n{self.output.decode()}")
@@ -158,6 +161,9 @@ class LoopbackStack:
     cluster: ExternalCluster | None = None
     echo_daemon: bool = False
     extra_ini: str = ""
+    # More keys for the sections the stack writes ([proxy], [oidc], [upstream]), e.g.
+    # {"oidc": {"jwks_refresh_interval": "1s"}}; other sections go in extra_ini.
+    settings: dict[str, dict[str, str]] = attr.Factory(dict)
     # The status the issuer's discovery document is served with at first (503: down).
     issuer_status: int = 200
     # More bearer tokens the stand-in accepts (e.g. service accounts), and more RBAC.
@@ -190,6 +196,8 @@ class LoopbackStack:
     standin_listening: Any = None
     _daemon: Any = None
     _process: Any = None
+    _standin_port: int = 0
+    _issuer_port: int = 0
 
     @property
     def proxy_url(self) -> str:
@@ -298,6 +306,9 @@ class LoopbackStack:
             f"client_key_file = {cluster.client_key_file or ''}",
             "",
         ]
+        for section, values in self.settings.items():
+            at = lines.index("", lines.index(f"[{section}]"))
+            lines[at:at] = [f"{key} = {value}" for key, value in values.items()]
         self.ini_path = self._write("kproxy.ini", "\n".join(lines) + self.extra_ini, 0o644)
         await self._start_daemon(timeout)
         if wait_ready:
@@ -347,6 +358,13 @@ class LoopbackStack:
     @property
     def daemon_output(self) -> str:
         return self._daemon.output.decode("utf-8", "replace") if self._daemon else ""
+
+    @property
+    def daemon_exit_signal(self) -> int | None:
+        """
+        The signal the daemon ended by (SIGTERM after an orderly stop), if any.
+        """
+        return self._daemon.exit_signal if self._daemon is not None else None
 
     @property
     def daemon_pid(self) -> int | None:
@@ -446,6 +464,45 @@ class LoopbackStack:
         await self._start_daemon(timeout)
         if wait_ready:
             await self.wait_ready(timeout)
+
+    async def stop_apiserver(self, graceful: bool = False) -> None:
+        """
+        Take the stand-in offline until `restart_apiserver`: its port refuses
+        connections.  ``graceful``: as a restarting kube-apiserver, end every watch
+        with its final chunk and close each connection after what it was sent; else
+        abort them, as a crash does.
+        """
+        listening, self.standin_listening = self.standin_listening, None
+        self._standin_port = listening.port_number
+        await listening.stop(graceful=graceful)
+
+    async def restart_apiserver(self) -> None:
+        """
+        Serve the stand-in again on its port, with the objects and watch history it
+        had (as etcd keeps them across an apiserver restart).
+        """
+        self.standin_listening = listen(
+            self.reactor, self.standin, port=self._standin_port, tls=self._server_tls("kubeapi")
+        )
+
+    async def stop_issuer(self) -> None:
+        """
+        Take the OIDC issuer offline until `restart_issuer`: its port refuses connections.
+        """
+        served, self.issuer_listening = self.issuer_listening, None
+        self._issuer_port = served.port_number
+        await served.stop()
+
+    async def restart_issuer(self) -> None:
+        """
+        Serve the OIDC issuer again on its port, with the keys it had.
+        """
+        self.issuer_listening = serve(
+            self.reactor,
+            Site(self.issuer.resource()),
+            port=self._issuer_port,
+            tls=self._server_tls("issuer"),
+        )
 
     async def stop(self, timeout: float = 10.0) -> int | None:
         """

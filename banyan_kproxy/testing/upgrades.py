@@ -59,7 +59,7 @@ from banyan_kproxy.testing.spdy import (
     SpdySession,
     SpdyStream,
 )
-from banyan_kproxy.testing.websocket import CloseCode, WebSocketProtocol
+from banyan_kproxy.testing.websocket import CloseCode, WebSocketProtocol, lose_connection
 
 _log = Logger()
 
@@ -866,7 +866,7 @@ def spdy_protocol(app: SpdyRemoteCommand | PortForward) -> SpdyProtocol:
             on_error(message)
 
         session = SpdySession(send, on_stream=app.stream_opened, on_error=failed)
-        app.connected(session, lambda: holder[0].transport.loseConnection())
+        app.connected(session, lambda: lose_connection(holder[0].transport))
         return session
 
     protocol = SpdyProtocol(build, lambda reason: app.connection_lost())

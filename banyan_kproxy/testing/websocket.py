@@ -35,6 +35,18 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_CONTROL_PAYLOAD = 125
 
 
+def lose_connection(transport: Any) -> None:
+    """
+    Close ``transport`` once its buffered bytes are sent, as a server does.
+
+    Twisted's TLS transport defers ``loseConnection`` for as long as a producer is
+    registered on it, and an upgraded connection has one (`upgrades.Flow`): without
+    letting go of it first the connection would never close from this side.
+    """
+    if getattr(transport, "producer", None) is not None or getattr(transport, "_producer", None) is not None:
+        transport.unregisterProducer()
+    transport.loseConnection()
+
 class Opcode(enum.IntEnum):
     """
     WebSocket frame opcodes.
@@ -549,12 +561,12 @@ class WebSocketProtocol(Protocol):
 
     def _give_up(self) -> None:
         self._timer = None
-        self.transport.loseConnection()
+        lose_connection(self.transport)
 
     def _closed(self, code: int | None, reason: str) -> None:
         self._cancel_timer()
         if not self._client:
-            self.transport.loseConnection()
+            lose_connection(self.transport)
         self._report(code, reason)
 
     def _report(self, code: int | None, reason: str) -> None:
