@@ -37,6 +37,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     Configuration problems are printed, one per line, and end the process with exit
     status 2 (raising ``UsageError`` would exit 0 on Twisted 22.4).
     """
+    daemon = reactor is None  # twistd calls without one; tests pass theirs
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -73,4 +74,31 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from banyan_kproxy.reload import add_sighup_reload
 
     add_sighup_reload(parent, reactor)
+    if daemon:
+        tune_garbage_collector()
     return parent
+
+
+#: Allocations (less deallocations) between two youngest-generation collections;
+#: CPython's default is 700.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_garbage_collector() -> None:
+    """
+    Make the cyclic garbage collector cheaper for a long-running proxy.
+
+    Everything built so far (modules, configuration, services) lives as long as the
+    process: ``gc.freeze()`` moves it out of the collector's sight, so a full
+    collection no longer walks it.  Each request allocates hundreds of objects that
+    die with it; with CPython's default threshold (700) a young collection ran
+    every few requests, and opening thousands of watches spent a fifth of the
+    reactor's time in the collector.  Cycles are still collected, only in larger
+    batches.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)

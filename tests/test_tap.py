@@ -99,8 +99,8 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(
             stderr.getvalue(),
             "banyan-kproxy: configuration error:\n"
-            f"  {path}: [proxy] colour: unknown key (known keys: health_listen, listen, "
-            "reuse_port, tls_cert_file, tls_key_file)\n",
+            f"  {path}: [proxy] colour: unknown key (known keys: drain_timeout, health_listen, "
+            "listen, reuse_port, tls_cert_file, tls_key_file)\n",
         )
 
     def test_missing_config_file(self) -> None:
@@ -116,3 +116,33 @@ class MakeServiceTests(SynchronousTestCase):
             stderr.getvalue(),
             f"banyan-kproxy: configuration error:\n  {path}: the configuration file does not exist\n",
         )
+
+
+class GarbageCollectorTests(SynchronousTestCase):
+    """
+    Tests for L{tap.tune_garbage_collector}, which twistd's ``makeService`` runs.
+    """
+
+    def setUp(self) -> None:
+        import gc
+
+        threshold = gc.get_threshold()
+
+        def restore() -> None:
+            gc.unfreeze()
+            gc.set_threshold(*threshold)
+
+        self.addCleanup(restore)
+
+    def test_tuned(self) -> None:
+        """
+        What exists at start-up is frozen out of the collector's sight and young
+        collections run every `GC_YOUNG_THRESHOLD` allocations; the older
+        generations keep their thresholds.
+        """
+        import gc
+
+        _, middle, old = gc.get_threshold()
+        tap.tune_garbage_collector()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertEqual(gc.get_threshold(), (tap.GC_YOUNG_THRESHOLD, middle, old))

@@ -979,3 +979,25 @@ def _later(reactor: Any) -> Deferred[None]:
     reactor.callLater(0.01, d.callback, None)
     return d
 
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    """
+    Listeners ask the kernel for a queue of `LISTEN_BACKLOG` pending connections,
+    so a crowd of reconnecting watch clients is not turned away.
+    """
+
+    def test_tcp_and_tls(self) -> None:
+        """
+        `listen_tcp` and `listen_tls` pass `LISTEN_BACKLOG` to the reactor.
+        """
+        from twisted.internet.testing import MemoryReactor
+
+        from banyan_kproxy.tls import LISTEN_BACKLOG
+
+        reactor = MemoryReactor()
+        cert, key = _Files(self).server()
+        listen_tcp(reactor, Address(LOOPBACK, 0), Factory())
+        listen_tls(reactor, Address(LOOPBACK, 0), Factory(), ServerTLS.from_files(cert, key))
+        self.assertEqual([server[2] for server in reactor.tcpServers], [LISTEN_BACKLOG, LISTEN_BACKLOG])
+        self.assertGreaterEqual(LISTEN_BACKLOG, 1024)

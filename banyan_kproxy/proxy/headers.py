@@ -154,13 +154,23 @@ def downstream_response_headers(upstream: Headers) -> Headers:
     """
     The upstream response's headers minus hop-by-hop ones, for the client.
     """
-    dropped = HOP_BY_HOP | _REPLACED_DOWNSTREAM | _connection_tokens(upstream)
     out = Headers()
+    copy_downstream_response_headers(upstream, out)
+    return out
+
+
+def copy_downstream_response_headers(upstream: Headers, into: Headers) -> None:
+    """
+    Set the upstream response's headers minus hop-by-hop ones on ``into`` (the
+    client's response headers), each replacing any value ``into`` had.
+    """
+    dropped = HOP_BY_HOP | _REPLACED_DOWNSTREAM
+    if upstream.hasHeader(b"connection"):
+        dropped = dropped | _connection_tokens(upstream)
     for name, values in upstream.getAllRawHeaders():
         if name.lower() in dropped:
             continue
-        out.setRawHeaders(name, list(values))
-    return out
+        into.setRawHeaders(name, list(values))
 
 
 def bearer_token(headers: Headers) -> tuple[str | None, str | None]:
