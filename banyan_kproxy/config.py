@@ -203,6 +203,7 @@ class GatewayConfig:
     idle_timeout: float = 3600.0
     max_connections_per_client: int = 64
     max_connections: int = 10000
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
 
 @frozen
@@ -471,7 +472,7 @@ _SECTIONS: dict[str, set[str]] = {
     "gateway": {
         "listen", "tls_cert_file", "tls_key_file", "client_ca_file", "services", "reuse_port",
         "health_listen", "connect_timeout", "idle_timeout", "max_connections_per_client",
-        "max_connections",
+        "max_connections", "drain_timeout",
     },
     "connect": {
         "listen", "next_hop", "client_cert_file", "client_key_file", "ca_file", "allow",
@@ -813,6 +814,7 @@ def _gateway(loader: _Loader) -> GatewayConfig | None:
             "max_connections_per_client", parse_positive_int, d.max_connections_per_client
         ),
         "max_connections": s.get("max_connections", parse_positive_int, d.max_connections),
+        "drain_timeout": s.get("drain_timeout", parse_duration, d.drain_timeout),
     }
     if None in (listen, cert, key, ca, services):
         return None

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory
@@ -69,6 +69,8 @@ __all__ = [
 
 log = Logger()
 
+#: Seconds to wait, after the drain deadline closed what was left, for it to be gone.
+DRAIN_CUT_GRACE = 1.0
 #: The largest request head read (request line, header lines and line ends).
 MAX_HEAD_BYTES = 16 * 1024
 #: The most header lines a request head may have.
@@ -538,6 +540,7 @@ class ConnectServerProtocol(LineReceiver):
     def connectionMade(self) -> None:
         self._peer = self.transport.getPeer()
         self._head_timer = self.factory.clock.callLater(self.factory.head_timeout, self._head_timed_out)
+        self.factory.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
         self._received_any = True
@@ -553,6 +556,7 @@ class ConnectServerProtocol(LineReceiver):
             # failed TLS handshake is worth one line.
             if reason is not None and _is_tls_error(reason):
                 self.factory.handshake_failed(self._peer, reason)
+            self.factory.connection_gone(self)
             return
         if state == "opening":
             self._outcome, self._code = "cancelled", 0
@@ -748,16 +752,21 @@ class ConnectServerProtocol(LineReceiver):
         if self._finished:
             return
         self._finished = True
-        if self._idle is not None:
-            self._idle.stop()
-        elif self._established is not None:
-            self.factory.count_bytes(*self.tunnel_bytes())
-        if self._limit_key is not None:
-            self.factory.limits.release(self._limit_key)
-            self._limit_key = None
-        if self._request is None and not self._code:
-            return  # nothing was asked or answered
-        self.factory.tunnel_closed(self._record(self._outcome), self._established is not None)
+        try:
+            if self._idle is not None:
+                self._idle.stop()
+            elif self._established is not None:
+                self.factory.count_bytes(*self.tunnel_bytes())
+            if self._limit_key is not None:
+                self.factory.limits.release(self._limit_key)
+                self._limit_key = None
+            if self._request is None and not self._code:
+                return  # nothing was asked or answered
+            self.factory.tunnel_closed(self._record(self._outcome), self._established is not None)
+        finally:
+            # Only once recorded: a drain waiting for this connection may let the
+            # audit pipeline stop.
+            self.factory.connection_gone(self)
 
     def _record(self, outcome: str) -> TunnelRecord:
         request = self._request
@@ -884,12 +893,74 @@ class ConnectServerFactory(Factory):
         self.identify = identify
         self.max_head_bytes = max_head_bytes
         self.max_header_lines = max_header_lines
+        # Connections until their request is recorded (or they went without one).
+        self.connections: set[ConnectServerProtocol] = set()
+        self._drained: Deferred[None] | None = None
 
     def buildProtocol(self, addr: Any) -> ConnectServerProtocol:
         """
         A protocol for a new client connection.
         """
         return ConnectServerProtocol(self)
+
+    def connection_made(self, protocol: ConnectServerProtocol) -> None:
+        """
+        ``protocol``'s connection is open.
+        """
+        self.connections.add(protocol)
+
+    def connection_gone(self, protocol: ConnectServerProtocol) -> None:
+        """
+        ``protocol``'s connection is gone and its request (if any) recorded.
+        """
+        self.connections.discard(protocol)
+        if not self.connections and self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        The graceful stop, once the listener no longer accepts: let the open
+        connections (tunnels) end by themselves for up to ``timeout`` seconds, then
+        close what is left.  Fires once every connection is gone and recorded (so
+        the tunnels' closing audit events come before the audit pipeline stops), or
+        `DRAIN_CUT_GRACE` seconds after the cut at the latest.
+        """
+        if not self.connections:
+            return succeed(None)
+        started = self.clock.seconds()
+        log.info(
+            "Draining {count} connections for up to {timeout:g}s",
+            count=len(self.connections), timeout=timeout,
+        )
+        drained: Deferred[None] = Deferred()
+        self._drained = drained
+        timers: list[Any] = []
+
+        def cut() -> None:
+            log.warn(
+                "Drain deadline ({timeout:g}s): closing {count} connections",
+                timeout=timeout, count=len(self.connections),
+            )
+            for protocol in list(self.connections):
+                protocol.transport.abortConnection()
+            timers.append(self.clock.callLater(DRAIN_CUT_GRACE, give_up))
+
+        def give_up() -> None:
+            if self._drained is drained:
+                self._drained = None
+                log.warn("{count} connections were still open after the drain", count=len(self.connections))
+                drained.callback(None)
+
+        def finished(result: None) -> None:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            log.info("Drain finished after {elapsed:.1f}s", elapsed=self.clock.seconds() - started)
+            return result
+
+        timers.append(self.clock.callLater(timeout, cut))
+        return drained.addCallback(finished)
 
     def count_bytes(self, up: int, down: int) -> None:
         """

@@ -789,3 +789,70 @@ class LogTests(SynchronousTestCase):
             self.lines(TunnelRecord(**dict(base, client=None), code=502, outcome="unreachable", reason="down")),
             [("CONNECT mykube.corp.example.com:8443 from 10.1.2.3:40000 refused with 502: down", LogLevel.warn)],
         )
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    `ConnectServerFactory.drain`: the gateway's graceful stop.
+    """
+
+    def test_nothing_open(self) -> None:
+        """
+        With no connection open the drain is over at once.
+        """
+        h = Harness()
+        self.successResultOf(h.factory.drain(20))
+
+    def test_tunnel_ends_by_itself(self) -> None:
+        """
+        An open tunnel may go on; when it ends its closing record is made, and only
+        then the drain is over (the audit pipeline stops after it).
+        """
+        h = Harness()
+        protocol, transport, end, dest = h.tunnel()
+        drained = h.factory.drain(20)
+        h.clock.advance(19)
+        self.assertNoResult(drained)
+        self.assertTrue(transport.connected)
+        transport.loseConnection()
+        dest.loseConnection()
+        self.successResultOf(drained)
+        self.assertEqual([r.outcome for r in h.closed], ["closed"])
+        self.assertEqual(h.factory.connections, set())
+
+    def test_deadline_cuts(self) -> None:
+        """
+        At the deadline what is still open is closed (a tunnel, both its ends, and a
+        connection that never sent its request); the drain is over once they are
+        gone and the tunnel is recorded.
+        """
+        h = Harness(head_timeout=100)
+        protocol, transport, end, dest = h.tunnel()
+        _, silent = h.connect()
+        drained = h.factory.drain(20)
+        h.clock.advance(19.9)
+        self.assertNoResult(drained)
+        h.clock.advance(0.1)
+        self.assertFalse(transport.connected)
+        self.assertFalse(dest.connected)
+        self.assertFalse(silent.connected)
+        self.successResultOf(drained)
+        self.assertEqual([r.outcome for r in h.closed], ["closed"])
+
+    def test_gives_up(self) -> None:
+        """
+        A connection that does not go within `DRAIN_CUT_GRACE` of the cut does not
+        hold the stop up.
+        """
+        from banyan_kproxy.connectserver import DRAIN_CUT_GRACE
+
+        h = Harness()
+        h.request(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+        end = SpliceEnd("destination")
+        end.makeConnection(StringTransport())  # never reports its close
+        h.policy.pending[-1].callback(end)
+        drained = h.factory.drain(20)
+        h.clock.advance(20)
+        self.assertNoResult(drained)
+        h.clock.advance(DRAIN_CUT_GRACE)
+        self.successResultOf(drained)

@@ -395,13 +395,17 @@ class ServiceTests(SynchronousTestCase):
         class Spool:
             accept = accepted.append
 
+        waits_for: list[Any] = []
         existing = Service()
         existing.setName("audit")
         existing.spool = Spool()  # type: ignore[attr-defined]
+        existing.stop_after = waits_for.append  # type: ignore[attr-defined]
         parent = MultiService()
         existing.setServiceParent(parent)
         add_gateway_role(parent, config, MemoryReactorClock(), Metrics())
         self.assertEqual([s.name for s in parent], ["audit", "gateway-certificates", "gateway"])
+        # The shared audit service stops only after the gateway's drain.
+        self.assertEqual(waits_for, [parent.getServiceNamed("gateway")])
 
     def test_tap(self) -> None:
         """
@@ -646,6 +650,40 @@ class GatewayLoopbackTests(TestCase):
         tunnel is logged when it opens and when it closes.
         """
         return ensureDeferred(self._curl())
+
+    async def _drain(self) -> None:
+        log_file = self.files.path("audit.log")
+        await self.start(
+            f"[audit]\nlog_file = {log_file}\nspool_dir = {self.files.path('spool')}\n",
+            drain_timeout="1s",
+        )
+        # A tunnel that stays open: s_client keeps its side, the app waits for a
+        # TLS handshake that does not come.
+        client = self.s_client(
+            b"CONNECT app.corp.example.com:8443 HTTP/1.1\r\nHost: app.corp.example.com:8443\r\n\r\n",
+            "-cert", self.files.alice[0], "-key", self.files.alice[1],
+        )
+        await until(lambda: len(self.gateway_lines()) == 1, "the tunnel to open")
+        await self.service.stopService()
+        output, _ = await client
+        self.assertIn(b"HTTP/1.1 200 Connection established", output)
+        messages = [formatEvent(e) for e in self.logs.events]
+        self.assertIn("Draining 1 connections for up to 1s", messages)
+        self.assertIn("Drain deadline (1s): closing 1 connections", messages)
+        # The audit service stopped after the drain: the closing event is there.
+        with open(log_file, encoding="utf-8") as f:
+            events = [json.loads(line) for line in f]
+        self.assertEqual([e["stage"] for e in events], ["ResponseStarted", "ResponseComplete"], messages)
+        self.assertEqual(events[1]["annotations"]["gateway.banyan-kproxy/outcome"], "closed")
+        self.assertFalse(any("DROPPED" in m or "after the audit service stopped" in m for m in messages))
+
+    def test_drain(self) -> None:
+        """
+        Stopping the gateway (SIGTERM) lets an open tunnel run until
+        ``drain_timeout``, then closes it; the audit pipeline stops only after that,
+        so the tunnel's ResponseComplete event is written.
+        """
+        return ensureDeferred(self._drain())
 
     async def _no_certificate(self) -> None:
         await self.start()

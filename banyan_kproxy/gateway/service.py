@@ -108,6 +108,7 @@ def gateway_services(
         require_client_certificate=True,
     )
     services: list[IService] = []
+    audit_parts: list[Any] = []
     if auditor is None:
         from banyan_kproxy.audit.service import audit_services
 
@@ -120,15 +121,19 @@ def gateway_services(
     services.append(reloader)
     for service in gateway.services:
         log.info("Gateway service {service}", service=backend_description(service))
-    services.append(
-        ListeningService(
-            "gateway",
-            f"the gateway on {gateway.listen}",
-            lambda: listen_tls(
-                reactor, gateway.listen, factory, server_tls, reuse_port=gateway.reuse_port
-            ),
-        )
+    listener = ListeningService(
+        "gateway",
+        f"the gateway on {gateway.listen}",
+        lambda: listen_tls(
+            reactor, gateway.listen, factory, server_tls, reuse_port=gateway.reuse_port
+        ),
+        drain=lambda: factory.drain(gateway.drain_timeout),
     )
+    for part in audit_parts:
+        # twistd stops every service at once: the audit service waits for the
+        # listener's drain, so the closing events of drained tunnels are spooled.
+        part.stop_after(listener)
+    services.append(listener)
     if gateway.health_listen is not None:
         from banyan_kproxy.health import QuietSite
 
@@ -171,5 +176,10 @@ def add_gateway_role(parent: MultiService, config: Config, reactor: Any, metrics
     auditor = None
     if config.audit is not None and "audit" in getattr(parent, "namedServices", {}):
         auditor = _shared_auditor(parent, config)
-    for service in gateway_services(config, reactor, metrics, auditor):
+    services = gateway_services(config, reactor, metrics, auditor)
+    if auditor is not None:
+        # The proxy's audit service, shared: it too waits for the gateway's drain.
+        listener = next(service for service in services if service.name == "gateway")
+        parent.getServiceNamed("audit").stop_after(listener)  # type: ignore[attr-defined]
+    for service in services:
         service.setServiceParent(parent)
