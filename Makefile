@@ -7,7 +7,7 @@ VENV := .venv
 VENV_OLDEST := .venv-oldest
 TRIAL_ARGS ?= tests
 
-.PHONY: all demo test test-newest test-oldest lint venv clean check-tools
+.PHONY: all demo test test-newest test-oldest lint venv clean check-tools bench bench-tools
 
 all: test
 
@@ -37,7 +37,7 @@ check-tools:
 	@command -v kubectl >/dev/null || { echo "kubectl is not on PATH: the integration tests need it" >&2; exit 1; }
 
 lint: $(VENV)/.stamp
-	$(VENV)/bin/ruff check banyan_kproxy tests twisted
+	$(VENV)/bin/ruff check banyan_kproxy tests twisted benchmarks
 
 # trial's console script is used rather than `python -m twisted.trial`, whose
 # Twisted 22.4 entry point goes through pkg_resources and fails to find a
@@ -57,6 +57,37 @@ test: lint test-newest test-oldest
 demo: $(VENV)/.stamp
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --force-reinstall .
 	$(VENV)/bin/banyan-kproxy demo --dir .demo
+
+# `make bench` measures the proxy side by side with direct access and HAProxy on
+# loopback and prints the table (benchmarks/bench.py; `make bench BENCH_ARGS=--quick`
+# for a short run, `BENCH_ARGS="--only small-get"` for one scenario).  nginx plays the
+# apiserver, HAProxy is the comparison, wrk and curl load it (all Debian packages).
+BENCH_TOOLS := nginx haproxy wrk curl
+BENCH_ARGS ?=
+
+bench-tools:
+	@missing=""; for tool in $(BENCH_TOOLS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	  if [ -n "$$missing" ]; then \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+bench: $(VENV)/.stamp bench-tools
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --force-reinstall .
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python benchmarks/bench.py $(BENCH_ARGS)
+
+# `make load` runs 500 concurrent connections for 60 s (twice, after a warm-up)
+# through the daemon, mixing GETs, watches and exec tunnels, and fails on any error
+# or on descriptors or memory not back to their baseline (benchmarks/load.py; the
+# report also goes to build/load.json, the daemon's log to build/load/).
+# `make load LOAD_ARGS=--short` is the form CI runs (tests/test_load.py).
+LOAD_ARGS ?=
+
+.PHONY: load
+load: $(VENV)/.stamp
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --force-reinstall .
+	rm -rf build/load && mkdir -p build
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python benchmarks/load.py --dir build/load --json build/load.json $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_OLDEST) build dist *.egg-info _trial_temp* .demo

@@ -14,7 +14,9 @@ Three measurements, each reported with a baseline measured in the same run:
    and with the seed's throttle (``batch_throttle_qps`` 4, burst 4: at most 1600
    events/s by construction).
 
-Run: ``PYTHONPATH=. python benchmarks/audit_throughput.py [--seconds 5]``.
+Run: ``PYTHONPATH=. python benchmarks/audit_throughput.py [--seconds 5]``.  `measure`
+returns the same figures as ``report.Measurement``s for ``benchmarks/micro.py`` (and
+so for ``make bench``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ import zlib
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
+# The benchmarks folder too: `report` is imported as bench.py imports it.
+if os.path.join(HERE, "benchmarks") not in sys.path:
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+
+import report  # noqa: E402
+
+#: The baselines' target names.
+BARE_DICT = "bare dict of the same fields"
+RAW_APPEND = "one thread appending, fsync per 400"
+#: Metric names besides report.METRIC_AUDIT_ACCEPTED.
+METRIC_REQUEST_PATH = "request-path cost per event"
+METRIC_DELIVERED = "events delivered/s to a loopback webhook"
+METRIC_DELIVERED_THROTTLED = "events delivered/s, seed throttle (qps 4, burst 4)"
+METRIC_ACCEPTED_THROTTLED = "events accepted/s, spool on, seed throttle"
 
 
 def request_path(n: int) -> tuple[float, float]:
@@ -156,22 +172,68 @@ def pipeline(seconds: float, directory: str, qps: float, burst: int) -> tuple[fl
     )
     assert child.stdout is not None
     samples: list[tuple[float, int, int]] = []
+    started = threading.Event()
 
     def read() -> None:
         for line in child.stdout:  # type: ignore[union-attr]
             if line.startswith(b"spooled "):
                 samples.append((time.monotonic(), int(line.split()[1]), delivered[0]))
+            elif line.startswith(b"started"):
+                started.set()
 
     threading.Thread(target=read, daemon=True).start()
-    time.sleep(1.0 + seconds)  # one second of warm-up
-    child.kill()
-    child.wait()
-    receiver.kill()
-    receiver.wait()
-    warm = [s for s in samples if s[0] >= samples[0][0] + 1.0]
+    try:
+        # The clock starts once the child runs (its imports take a while on a busy
+        # machine); then one second of warm-up.
+        if not started.wait(60):
+            raise RuntimeError("the audit child did not start within 60 s")
+        began = time.monotonic()
+        time.sleep(1.0 + seconds)
+    finally:
+        child.kill()
+        child.wait()
+        receiver.kill()
+        receiver.wait()
+    warm = [s for s in samples if s[0] >= began + 1.0]
+    if len(warm) < 2:
+        raise RuntimeError(
+            f"the audit child reported {len(warm)} samples after its warm-up second in {seconds:g}s: "
+            "too short a run for this machine's fsync"
+        )
     first, last = warm[0], warm[-1]
     span = last[0] - first[0]
     return (last[1] - first[1]) / span, (last[2] - first[2]) / span
+
+
+def measure(seconds: float = 5.0, events: int = 50000, directory: str | None = None) -> list[report.Measurement]:
+    """
+    All of the above as measurements of `report.SCENARIO_AUDIT`, each with the
+    baseline measured in this run where there is one.
+    """
+    if directory is None:
+        with tempfile.TemporaryDirectory(prefix="audit-bench-") as scratch:
+            return measure(seconds, events, scratch)
+    M = report.Measurement
+    scenario = report.SCENARIO_AUDIT
+    audited, bare = request_path(events)
+    baseline = raw_append(seconds, directory)
+    accepted, delivered = pipeline(seconds, directory, qps=1000.0, burst=8)
+    accepted_throttled, delivered_throttled = pipeline(seconds, directory, qps=4.0, burst=4)
+    return [
+        M(scenario, report.KPROXY, METRIC_REQUEST_PATH, audited, "µs", baseline=BARE_DICT,
+          higher_is_better=False, note="auditor.begin + response_complete"),
+        M(scenario, BARE_DICT, METRIC_REQUEST_PATH, bare, "µs", baseline=None, higher_is_better=False),
+        M(scenario, report.KPROXY, report.METRIC_AUDIT_ACCEPTED, accepted, "events/s",
+          baseline=RAW_APPEND, note="fsync'd spool, webhook sink unthrottled"),
+        M(scenario, RAW_APPEND, report.METRIC_AUDIT_ACCEPTED, baseline, "events/s", baseline=None,
+          note="CRC'd JSON lines"),
+        M(scenario, report.KPROXY, METRIC_DELIVERED, delivered, "events/s", baseline=None,
+          note="batches of 400"),
+        M(scenario, report.KPROXY, METRIC_ACCEPTED_THROTTLED, accepted_throttled, "events/s",
+          baseline=None),
+        M(scenario, report.KPROXY, METRIC_DELIVERED_THROTTLED, delivered_throttled, "events/s",
+          baseline=None, note="ceiling 1,600 by construction"),
+    ]
 
 
 def main() -> None:
@@ -179,19 +241,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--events", type=int, default=50000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="audit-bench-") as directory:
-        audited, bare = request_path(args.events)
-        print(f"request path: {audited:.1f} us/event for begin+response_complete "
-              f"(baseline bare dict {bare:.2f} us; ratio {audited / bare:.1f}x)")
-        baseline = raw_append(args.seconds, directory)
-        print(f"baseline: one thread appending CRC'd JSON lines, fsync per 400: {baseline:,.0f} events/s")
-        accepted, delivered = pipeline(args.seconds, directory, qps=1000.0, burst=8)
-        print(f"pipeline, unthrottled webhook: accepted {accepted:,.0f} events/s "
-              f"({accepted / baseline:.2f} of baseline), delivered {delivered:,.0f} events/s")
-        accepted, delivered = pipeline(args.seconds, directory, qps=4.0, burst=4)
-        print(f"pipeline, seed throttle (qps 4, burst 4, 400/batch): accepted {accepted:,.0f} events/s, "
-              f"delivered {delivered:,.0f} events/s (ceiling 1,600)")
-        print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    found = {(m.target, m.metric): m.value for m in measure(args.seconds, args.events)}
+    audited = found[report.KPROXY, METRIC_REQUEST_PATH]
+    bare = found[BARE_DICT, METRIC_REQUEST_PATH]
+    baseline = found[RAW_APPEND, report.METRIC_AUDIT_ACCEPTED]
+    accepted = found[report.KPROXY, report.METRIC_AUDIT_ACCEPTED]
+    print(f"request path: {audited:.1f} us/event for begin+response_complete "
+          f"(baseline bare dict {bare:.2f} us; ratio {audited / bare:.1f}x)")
+    print(f"baseline: one thread appending CRC'd JSON lines, fsync per 400: {baseline:,.0f} events/s")
+    print(f"pipeline, unthrottled webhook: accepted {accepted:,.0f} events/s "
+          f"({accepted / baseline:.2f} of baseline), "
+          f"delivered {found[report.KPROXY, METRIC_DELIVERED]:,.0f} events/s")
+    print(f"pipeline, seed throttle (qps 4, burst 4, 400/batch): accepted "
+          f"{found[report.KPROXY, METRIC_ACCEPTED_THROTTLED]:,.0f} events/s, "
+          f"delivered {found[report.KPROXY, METRIC_DELIVERED_THROTTLED]:,.0f} events/s (ceiling 1,600)")
+    print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
 
 
 if __name__ == "__main__":
