@@ -54,8 +54,8 @@ if ROOT not in sys.path:
     # banyan_kproxy.testing (certificates, tokens) from this checkout.
     sys.path.insert(0, ROOT)
 
-#: The seed's OIDC settings (as in banyan_kproxy.testing.stack).
-CLIENT_ID = "external-services"
+from banyan_kproxy.testing.stack import CLIENT_ID, ini_text, oidc_settings  # noqa: E402
+
 USER_EMAIL = "alice@example.com"
 USER_ROLES = ("any-employee-personal-device", "all-admins-corporate-device")
 EXPECTED_USER = "banyan:" + USER_EMAIL
@@ -603,32 +603,23 @@ http {{
         """
         Write the daemon's configuration file.
         """
-        lines = [
-            "[proxy]",
-            f"listen = 127.0.0.1:{listen_port}",
-            f"tls_cert_file = {self.path('kproxy.crt')}",
-            f"tls_key_file = {self.path('kproxy.key')}",
-            f"health_listen = 127.0.0.1:{health_port}",
-            f"reuse_port = {'true' if reuse_port else 'false'}",
-            "",
-            "[oidc]",
-            f"issuer_url = {self.issuer.issuer_url}",
-            f"client_id = {CLIENT_ID}",
-            "username_claim = email",
-            "username_prefix = banyan:",
-            "groups_claim = roles",
-            "groups_prefix = banyan:",
-            "signing_algs = RS256",
-            f"ca_file = {self.ca_file}",
-            "",
-            "[upstream]",
-            f"server = https://127.0.0.1:{self.api_port}",
-            f"ca_file = {self.ca_file}",
-            f"token_file = {self.proxy_token_file}",
-            "max_connections = 512",
-            "",
-        ]
-        return self._write(name + ".ini", "\n".join(lines))
+        text = ini_text({
+            "proxy": {
+                "listen": f"127.0.0.1:{listen_port}",
+                "tls_cert_file": self.path("kproxy.crt"),
+                "tls_key_file": self.path("kproxy.key"),
+                "health_listen": f"127.0.0.1:{health_port}",
+                "reuse_port": "true" if reuse_port else "false",
+            },
+            "oidc": oidc_settings(self.issuer.issuer_url, self.ca_file),
+            "upstream": {
+                "server": f"https://127.0.0.1:{self.api_port}",
+                "ca_file": self.ca_file,
+                "token_file": self.proxy_token_file,
+                "max_connections": "512",
+            },
+        })
+        return self._write(name + ".ini", text)
 
     def start_kproxy(self, processes: int = 1, name: str = "banyan-kproxy", timeout: float = 60.0) -> Target:
         """

@@ -745,37 +745,28 @@ class Deployment:
         """
         Write the INI and start ``twistd banyan-kproxy``; return once ``/ready`` says 200.
         """
-        from banyan_kproxy.testing.stack import twistd_command
+        from banyan_kproxy.testing.stack import ini_text, oidc_settings, twistd_command
 
         token_file = os.path.join(self.directory, "upstream.token")
         with open(token_file, "w") as f:
             f.write("bench-upstream-token\n")
         ini = os.path.join(self.directory, "kproxy.ini")
         with open(ini, "w") as f:
-            f.write("\n".join([
-                "[proxy]",
-                "listen = 127.0.0.1:0",
-                f"tls_cert_file = {self.cert_file}",
-                f"tls_key_file = {self.key_file}",
-                "health_listen = 127.0.0.1:0",
-                "",
-                "[oidc]",
-                f"issuer_url = {self.issuer.issuer_url}",
-                "client_id = external-services",
-                "username_claim = email",
-                "username_prefix = banyan:",
-                "groups_claim = roles",
-                "groups_prefix = banyan:",
-                "signing_algs = RS256",
-                f"ca_file = {self.ca_file}",
-                "",
-                "[upstream]",
-                f"server = https://127.0.0.1:{upstream_port}",
-                f"ca_file = {self.ca_file}",
-                f"token_file = {token_file}",
-                f"max_connections = {max_connections}",
-                "",
-            ]))
+            f.write(ini_text({
+                "proxy": {
+                    "listen": "127.0.0.1:0",
+                    "tls_cert_file": self.cert_file,
+                    "tls_key_file": self.key_file,
+                    "health_listen": "127.0.0.1:0",
+                },
+                "oidc": oidc_settings(self.issuer.issuer_url, self.ca_file),
+                "upstream": {
+                    "server": f"https://127.0.0.1:{upstream_port}",
+                    "ca_file": self.ca_file,
+                    "token_file": token_file,
+                    "max_connections": str(max_connections),
+                },
+            }))
         if self.trace_memory:
             command = [sys.executable, "-c", _TRACED_TWISTD]
         else:

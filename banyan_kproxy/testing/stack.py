@@ -71,6 +71,35 @@ def twistd_command() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def oidc_settings(issuer_url: str, ca_file: str) -> dict[str, str]:
+    """
+    The ``[oidc]`` section for the test issuer: the seed's claim mapping (``email``
+    and ``roles``, both prefixed ``banyan:``) and client id `CLIENT_ID`.
+    """
+    return {
+        "issuer_url": issuer_url,
+        "client_id": CLIENT_ID,
+        "username_claim": "email",
+        "username_prefix": "banyan:",
+        "groups_claim": "roles",
+        "groups_prefix": "banyan:",
+        "signing_algs": "RS256",
+        "ca_file": ca_file,
+    }
+
+
+def ini_text(sections: dict[str, dict[str, str]]) -> str:
+    """
+    An INI file's text: each section with its keys in order, a blank line after each.
+    """
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {value}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
 def proxy_rbac_yaml() -> str:
     """
     The RBAC that lets the proxy's service account impersonate (the shipped file).
@@ -280,36 +309,26 @@ class LoopbackStack:
         ).write(self.directory, "proxy")
         self._give(proxy_cert)
         self._give(proxy_key)
-        lines = [
-            "[proxy]",
-            f"listen = {self.proxy_listen}",
-            f"tls_cert_file = {proxy_cert}",
-            f"tls_key_file = {proxy_key}",
-            "health_listen = 127.0.0.1:0",
-            f"reuse_port = {'true' if self.reuse_port else 'false'}",
-            "",
-            "[oidc]",
-            f"issuer_url = {self.issuer.issuer_url}",
-            f"client_id = {CLIENT_ID}",
-            "username_claim = email",
-            "username_prefix = banyan:",
-            "groups_claim = roles",
-            "groups_prefix = banyan:",
-            "signing_algs = RS256",
-            f"ca_file = {self.ca_file}",
-            "",
-            "[upstream]",
-            f"server = {cluster.server}",
-            f"ca_file = {cluster.ca_file or ''}",
-            f"token_file = {cluster.token_file or ''}",
-            f"client_cert_file = {cluster.client_cert_file or ''}",
-            f"client_key_file = {cluster.client_key_file or ''}",
-            "",
-        ]
+        sections = {
+            "proxy": {
+                "listen": str(self.proxy_listen),
+                "tls_cert_file": proxy_cert,
+                "tls_key_file": proxy_key,
+                "health_listen": "127.0.0.1:0",
+                "reuse_port": "true" if self.reuse_port else "false",
+            },
+            "oidc": oidc_settings(self.issuer.issuer_url, self.ca_file),
+            "upstream": {
+                "server": cluster.server,
+                "ca_file": cluster.ca_file or "",
+                "token_file": cluster.token_file or "",
+                "client_cert_file": cluster.client_cert_file or "",
+                "client_key_file": cluster.client_key_file or "",
+            },
+        }
         for section, values in self.settings.items():
-            at = lines.index("", lines.index(f"[{section}]"))
-            lines[at:at] = [f"{key} = {value}" for key, value in values.items()]
-        self.ini_path = self._write("kproxy.ini", "\n".join(lines) + self.extra_ini, 0o644)
+            sections.setdefault(section, {}).update(values)
+        self.ini_path = self._write("kproxy.ini", ini_text(sections) + self.extra_ini, 0o644)
         await self._start_daemon(timeout)
         if wait_ready:
             await self.wait_ready(timeout)
