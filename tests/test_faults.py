@@ -61,10 +61,6 @@ def sample(metrics: str, series: str) -> float | None:
     return None
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
 class _Body(Protocol):
     """
     Collects a streamed response body and how it ended.
@@ -170,7 +166,8 @@ class FaultTestCase(TestCase):
                 return
             if reactor.seconds() > deadline:
                 self.fail(f"timed out waiting for {what}")
-            await sleep(0.05)
+            # The daemon is a real process on the real clock: poll it, bounded above.
+            await deferLater(reactor, 0.05, lambda: None)
 
     async def ready_is(self, code: int, text: str = "", exactly: str | None = None) -> bool:
         """
